@@ -1,0 +1,1 @@
+"""diffusers integration: reward guidance mixin, guided Wan pipelines, scoring and best-of-N."""

@@ -1,0 +1,256 @@
+"""Reward guidance during flow-matching sampling: one implementation for diffusers and ComfyUI.
+
+At a sampling step with noise level ``sigma`` (flow matching: ``x_t = (1 - sigma) x0 + sigma * noise``), the
+model's post-CFG velocity ``v`` gives the predicted clean latent ``x0_hat = x_t - sigma * v``. Guidance moves
+``x0_hat`` up the reward:
+
+* **cheap** (default): the gradient of the reward w.r.t. ``x0_hat`` with the velocity held fixed (for rewards that
+  read the noisy latent too, ``x_t = x0_hat + sigma * v`` moves with it). No pass through the denoiser.
+* **exact** (opt-in): the gradient w.r.t. ``x_t`` through the denoiser, ``d R(x0_hat(x_t)) / d x_t``; the caller
+  supplies ``denoise_fn(x_t) -> x0_hat`` (its framework's model call, CFG included).
+
+The step ``x0_hat + scale * normalise(grad)`` is returned; frameworks convert it back to what their sampler wants
+(diffusers: the velocity ``(x_t - x0_new) / sigma``; ComfyUI: the denoised latent itself). Frameworks that run
+under ``torch.inference_mode()`` (ComfyUI) are handled here: gradients are taken outside it, on fresh tensors,
+and nothing with ``requires_grad`` is returned.
+
+The window is a fraction of the denoising progress measured on the noise level, ``progress = 1 - sigma``:
+guidance is active when ``start <= 1 - sigma <= end``, the same in every framework and for any shift.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .base import LatentReward, RewardInput
+from .errors import ConfigError
+
+__all__ = [
+    "GuidanceConfig",
+    "GuidanceStep",
+    "RewardTrace",
+    "guide_x0",
+    "x0_from_velocity",
+    "velocity_from_x0",
+    "GUIDANCE_MODES",
+    "NORMALIZE_MODES",
+]
+
+GUIDANCE_MODES = ("cheap", "exact")
+NORMALIZE_MODES = ("rms", "none")
+#: Below this noise level a step is a no-op for the sampler, and 1/sigma conversions are unstable.
+MIN_SIGMA = 1e-4
+
+
+@dataclass
+class GuidanceConfig:
+    """Knobs of reward guidance.
+
+    Attributes:
+        scale: step size on ``x0_hat``. With ``normalize="rms"`` it is in latent-std units per voxel (the
+            gradient is rescaled to unit RMS per sample); 0 disables guidance.
+        start, end: window as fractions of denoising progress ``1 - sigma`` in [0, 1].
+        mode: ``"cheap"`` (gradient at ``x0_hat``) or ``"exact"`` (through the denoiser).
+        normalize: ``"rms"`` (unit RMS gradient per sample) or ``"none"`` (raw gradient times scale).
+        max_step: per-sample RMS cap on the step (a clamp against extreme scales); ``None`` for no cap.
+    """
+
+    scale: float = 0.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str = "cheap"
+    normalize: str = "rms"
+    max_step: float | None = 1.0
+
+    def validate(self) -> "GuidanceConfig":
+        for name in ("scale", "start", "end"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"reward guidance: {name} must be a finite number, got {v!r}")
+        if self.scale < 0:
+            raise ConfigError(f"reward guidance: scale must be >= 0 (0 disables guidance), got {self.scale}")
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
+            raise ConfigError(
+                f"reward guidance: start and end are fractions of the schedule in [0, 1], got "
+                f"start={self.start}, end={self.end}"
+            )
+        if self.start > self.end:
+            raise ConfigError(f"reward guidance: start ({self.start}) must not be after end ({self.end})")
+        if self.mode not in GUIDANCE_MODES:
+            raise ConfigError(f"reward guidance: mode must be one of {GUIDANCE_MODES}, got {self.mode!r}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(
+                f"reward guidance: normalize must be one of {NORMALIZE_MODES}, got {self.normalize!r}"
+            )
+        if self.max_step is not None and not (self.max_step > 0 and math.isfinite(self.max_step)):
+            raise ConfigError(f"reward guidance: max_step must be > 0 or None, got {self.max_step!r}")
+        return self
+
+    def updated(self, **changes: Any) -> "GuidanceConfig":
+        """A validated copy with some fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None}).validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0
+
+    def active_at(self, sigma: float) -> bool:
+        """Whether a step at noise level ``sigma`` lies in the window (``start <= 1 - sigma <= end``)."""
+        if not self.enabled or sigma < MIN_SIGMA:
+            return False
+        progress = 1.0 - float(sigma)
+        return self.start - 1e-9 <= progress <= self.end + 1e-9
+
+
+@dataclass
+class GuidanceStep:
+    """What one guidance call did: the moved ``x0``, the reward per sample before the step, and flags."""
+
+    x0: torch.Tensor
+    reward: torch.Tensor
+    step_rms: torch.Tensor
+    clamped: bool = False
+    nonfinite: bool = False
+
+
+@dataclass
+class RewardTrace:
+    """Per-step record of a guided run: sigma, reward per sample (before the step) and step size."""
+
+    sigmas: list[float] = field(default_factory=list)
+    rewards: list[list[float]] = field(default_factory=list)
+    step_rms: list[list[float]] = field(default_factory=list)
+    guided: list[bool] = field(default_factory=list)
+
+    def add(self, sigma: float, reward: torch.Tensor, step_rms: torch.Tensor | None, guided: bool) -> None:
+        self.sigmas.append(float(sigma))
+        self.rewards.append([float(v) for v in reward.detach().float().cpu()])
+        self.step_rms.append([float(v) for v in step_rms.detach().float().cpu()] if step_rms is not None else [])
+        self.guided.append(bool(guided))
+
+    def as_dict(self) -> dict[str, list]:
+        return {"sigmas": self.sigmas, "rewards": self.rewards, "step_rms": self.step_rms, "guided": self.guided}
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Flow matching: ``x0_hat = x_t - sigma * v``."""
+    return x_t - _bcast(sigma, x_t) * v
+
+
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Inverse of :func:`x0_from_velocity`: ``v = (x_t - x0) / sigma``."""
+    return (x_t - x0) / _bcast(sigma, x_t).clamp_min(MIN_SIGMA)
+
+
+def _bcast(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if s.ndim == 1 and like.ndim > 1:
+        s = s.view(-1, *([1] * (like.ndim - 1)))
+    return s
+
+
+def _reward_inputs(
+    reward: LatentReward, x0: torch.Tensor, x_t: torch.Tensor | None, sigma: torch.Tensor, text_embeds: torch.Tensor | None
+) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"x0": x0}
+    if RewardInput.NOISY in reward.required_inputs:
+        inputs["x_t"] = x_t
+    if RewardInput.TIMESTEP in reward.required_inputs:
+        inputs["timestep"] = sigma
+    if RewardInput.TEXT in reward.required_inputs:
+        inputs["text_embeds"] = text_embeds
+    return inputs
+
+
+def guide_x0(
+    reward: LatentReward,
+    x0: torch.Tensor,
+    sigma: torch.Tensor | float,
+    config: GuidanceConfig,
+    *,
+    x_t: torch.Tensor | None = None,
+    velocity: torch.Tensor | None = None,
+    text_embeds: torch.Tensor | None = None,
+    denoise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> GuidanceStep:
+    """One guidance step on the predicted clean latent ``x0`` ``[B, C, T, H, W]`` (normalised latent space).
+
+    Args:
+        reward: a frozen latent reward.
+        x0: the post-CFG prediction ``x0_hat`` at this step.
+        sigma: the step's noise level (scalar or ``[B]``).
+        config: scale, mode, normalisation (the window is checked by the caller with ``config.active_at``).
+        x_t: the current noisy latent (needed by rewards that read it, and by exact mode).
+        velocity: the post-CFG velocity; if given with ``x_t``, cheap mode keeps ``x_t = x0 + sigma v`` consistent
+            for rewards that read noisy latents.
+        text_embeds: the prompt embedding for text-conditioned rewards.
+        denoise_fn: exact mode only: ``x_t -> x0_hat`` through the denoiser (CFG included).
+
+    Returns:
+        A :class:`GuidanceStep` with the moved ``x0`` (same dtype/device as ``x0``, no grad) and the reward
+        per sample before the step.
+    """
+    config.validate()
+    out_dtype = x0.dtype
+    b = x0.shape[0]
+    sig = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device)
+    if sig.ndim == 0:
+        sig = sig.expand(b)
+    with torch.inference_mode(False), torch.enable_grad():
+        # Fresh, normal tensors: inputs may be inference tensors (ComfyUI) or half precision.
+        if config.mode == "exact":
+            if denoise_fn is None or x_t is None:
+                raise ConfigError("exact reward guidance needs x_t and denoise_fn (the denoiser call)")
+            leaf = x_t.detach().clone().float().requires_grad_(True)
+            x0_g = denoise_fn(leaf).float()
+            xt_g = leaf
+        else:
+            leaf = x0.detach().clone().float().requires_grad_(True)
+            x0_g = leaf
+            xt_g = None
+            if RewardInput.NOISY in reward.required_inputs:
+                if x_t is None:
+                    raise ConfigError("this reward reads the noisy latent: pass x_t to guide_x0")
+                if velocity is not None:
+                    xt_g = leaf + _bcast(sig, leaf) * velocity.detach().float()
+                else:
+                    xt_g = x_t.detach().clone().float()
+        r = reward.reward(**_reward_inputs(reward, x0_g, xt_g, sig, text_embeds))
+        (grad,) = torch.autograd.grad(r.sum(), leaf)
+    r = r.detach()
+    grad = grad.detach()
+    nonfinite = not bool(torch.isfinite(grad).all())
+    if nonfinite:
+        warnings.warn(
+            "reward guidance: the reward gradient has NaN/Inf values at sigma="
+            f"{float(sig[0]):.4f}; skipping the step for the affected samples (lower the scale?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if config.normalize == "rms":
+        rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
+        step = grad / rms.view(-1, *([1] * (grad.ndim - 1))) * config.scale
+    else:
+        step = grad * config.scale
+    step_rms = step.flatten(1).pow(2).mean(1).sqrt()
+    clamped = False
+    if config.max_step is not None and bool((step_rms > config.max_step).any()):
+        factor = (config.max_step / step_rms.clamp_min(1e-12)).clamp(max=1.0)
+        step = step * factor.view(-1, *([1] * (step.ndim - 1)))
+        step_rms = step_rms * factor
+        clamped = True
+        warnings.warn(
+            f"reward guidance: step RMS above max_step={config.max_step} was clamped (scale {config.scale} "
+            "is large for this reward)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    new_x0 = (x0.detach().float() + step).to(out_dtype)
+    return GuidanceStep(x0=new_x0, reward=r.float(), step_rms=step_rms, clamped=clamped, nonfinite=nonfinite)

@@ -1,0 +1,1 @@
+"""Training: manifold fitting, latent data sets, video encoding, reward LoRA fine-tuning, CLI."""

@@ -1,0 +1,1 @@
+"""Front ends: ComfyUI JavaScript (js/) and the Studio app (studio/)."""
