@@ -10,7 +10,6 @@ validation plus a prefix strip, and the converted reward computes exactly the au
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,9 @@ def _read(path: Path) -> Any:
             f"{path}: refused to load: it holds objects other than tensors and plain containers, which "
             f"latent-rewards never unpickles ({str(e).splitlines()[0]})"
         ) from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load raises many types on garbage (IndexError, RuntimeError, EOFError...)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
 def load_official_shell_lcc(

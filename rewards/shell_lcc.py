@@ -341,19 +341,19 @@ class ShellLCC(LatentReward):
         )
         locality = (gamma * dist_sq).sum(1).mean()
         loss = recon + locality
-        logs = {"recon": float(recon), "locality": float(locality)}
+        logs = {"recon": float(recon.detach()), "locality": float(locality.detach())}
         if lambda_usage > 0:
             usage = gamma.mean(0) + 1e-8
             usage = usage / usage.sum()
             kl = (usage * (usage.log() + math.log(usage.numel()))).sum()
             loss = loss + lambda_usage * kl
-            logs["usage_kl"] = float(kl)
+            logs["usage_kl"] = float(kl.detach())
         if lambda_basis > 0:
             nearest = dist_sq.detach().argmin(0)  # nearest voxel of each anchor
             b2p = (self.basis - zf[nearest]).pow(2).sum(1).mean()
             loss = loss + lambda_basis * b2p
-            logs["basis_to_voxel"] = float(b2p)
-        logs["loss"] = float(loss)
+            logs["basis_to_voxel"] = float(b2p.detach())
+        logs["loss"] = float(loss.detach())
         return loss, logs
 
     def shell_loss(self, zf: torch.Tensor, *, log_scale_weight: float = 0.01) -> tuple[torch.Tensor, dict[str, float]]:
@@ -365,7 +365,10 @@ class ShellLCC(LatentReward):
         shell = (r - 1.0).pow(2).mean()
         reg = g.pow(2).mean()
         loss = shell + log_scale_weight * reg
-        return loss, {"shell": float(shell), "log_scale_reg": float(reg), "mean_r": float(r.mean()), "loss": float(loss)}
+        return loss, {
+            "shell": float(shell.detach()), "log_scale_reg": float(reg.detach()),
+            "mean_r": float(r.detach().mean()), "loss": float(loss.detach()),
+        }
 
     def skeleton_parameters(self) -> list[nn.Parameter]:
         return [self.basis, self.global_scale, self.global_bias, *self.predictor.parameters()]
