@@ -1,0 +1,47 @@
+"""``latent-rewards train CONFIG.yaml [key=value ...]``: reward fine-tuning of Wan2.1 (LoRA or full)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune Wan2.1 with a latent reward (LoRA or full; Shell-LCC recipe)",
+        description=(
+            "Fine-tune a Wan2.1 text-to-video model with a latent reward. CONFIG is a YAML file or a built-in name "
+            "(tiny-cpu, shell_lcc_wan1.3b, shell_lcc_wan14b_band); overrides use the config's own keys, dotted for "
+            "sections, e.g. `output_dir=runs/x max_steps=12 lora.rank=8 reward.path=runs/manifold`. The config is "
+            "validated before any model is loaded. A run continues from the newest checkpoint in output_dir when "
+            "there is one; Ctrl-C saves a checkpoint and stops. Several GPUs: "
+            "`accelerate launch -m latent_rewards.trainer CONFIG.yaml [overrides]`."
+        ),
+    )
+    p.add_argument("config", help="YAML config file or built-in config name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=12")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in output_dir (must exist), or from CHECKPOINT")
+    g.add_argument("--no-resume", action="store_true", help="start fresh (output_dir must hold no checkpoints)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    resume = "never" if args.no_resume else args.resume
+    from ..loop import train
+
+    result = train(cfg, resume=resume, progress=not args.no_progress)
+    where = f"best step {result.best_step} in {result.best_dir}" if result.best_dir else "no best/ export"
+    print(f"trained to step {result.step}; {where}; run folder {result.output_dir}")
+    if result.stop_reason:
+        print(result.stop_reason)
+    return 130 if result.interrupted else 0
