@@ -683,7 +683,10 @@ def load_vae(
     try:
         vae = AutoencoderKLWan.from_pretrained(target, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        raise CheckpointError(f"could not load an AutoencoderKLWan from {where}: {str(e).splitlines()[0]}") from None
+        hint = "" if p.exists() else "; check the id and the connection (or HF_HUB_OFFLINE), or pass a local folder"
+        raise CheckpointError(
+            f"could not load an AutoencoderKLWan from {where}: {str(e).splitlines()[0]}{hint}"
+        ) from None
     cfg = vae.config
     if int(getattr(cfg, "z_dim", -1)) != space.channels:
         raise LatentSpaceMismatchError(

@@ -118,6 +118,7 @@ class FitResult:
     total_steps: int
     finished: bool
     summary: dict[str, Any] = field(default_factory=dict)
+    is_main_process: bool = True
 
 
 class _Objective(nn.Module):
@@ -317,7 +318,9 @@ def fit_manifold(
 
     cfg = config or FitConfig()
     cfg.validate()
-    acc = accelerator or Accelerator()
+    # A torchrun/`accelerate launch --multi_gpu` start without CUDA is a multi-CPU run (gloo): accelerate only
+    # sets that up when asked for the CPU explicitly.
+    acc = accelerator or Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     out = Path(out_dir).expanduser().absolute()
     items = list_latent_items(latent_dir, layout=cfg.layout)
     sampler = VoxelSampler(
@@ -432,4 +435,5 @@ def fit_manifold(
         if acc.is_main_process:
             summary = _write_outputs(out, reward, cfg, sampler, acc.num_processes)
         acc.wait_for_everyone()
-    return FitResult(out_dir=out, reward=reward, step=step, total_steps=total, finished=finished, summary=summary)
+    return FitResult(out_dir=out, reward=reward, step=step, total_steps=total, finished=finished, summary=summary,
+                     is_main_process=acc.is_main_process)
