@@ -17,6 +17,13 @@ from ..rewards.errors import LatentRewardsError
 
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMANDS: list[str] = [
+    "demo",
+    "encode",
+    "fit_manifold",
+    "score",
+    "evaluate",
+    "train",
+    "push",
     "convert",
 ]
 
