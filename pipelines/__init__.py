@@ -1,1 +1,41 @@
-"""diffusers integration: reward guidance mixin, guided Wan pipelines, scoring and best-of-N."""
+"""diffusers integration: reward guidance mixin, guided Wan pipelines, scoring and best-of-N.
+
+Names are imported lazily, so importing :mod:`latent_rewards.pipelines` (or its ``tiny`` module) does not import
+diffusers until a pipeline class is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RewardGuidanceMixin": ".guidance_mixin",
+    "reward_output_class": ".guidance_mixin",
+    "check_flow_matching_scheduler": ".guidance_mixin",
+    "RewardGuidedWanPipeline": ".wan",
+    "RewardGuidedWanImageToVideoPipeline": ".wan",
+    "RewardGuidedWanPipelineOutput": ".wan",
+    "DEFAULT_WAN_MODEL": ".wan",
+    "load_wan_pipeline": ".wan",
+    "best_of_n": ".best_of_n",
+    "BestOfNResult": ".best_of_n",
+    "decode_latents": ".best_of_n",
+    "write_video": ".video",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    # Cache it; this also replaces the submodule attribute that importing `.best_of_n` sets on this package.
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

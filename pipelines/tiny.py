@@ -22,6 +22,7 @@ __all__ = [
     "tiny_tokenizer",
     "tiny_scheduler",
     "build_tiny_wan_pipeline",
+    "build_tiny_wan_i2v_pipeline",
     "save_tiny_wan_pipeline",
 ]
 
@@ -142,3 +143,49 @@ def save_tiny_wan_pipeline(path: str | Path, *, seed: int = 0, scheduler: str = 
     pipe = build_tiny_wan_pipeline(seed=seed, scheduler=scheduler)
     pipe.save_pretrained(str(path))
     return Path(path)
+
+
+#: Width of the tiny CLIP vision tower's hidden states (the I2V transformer's ``image_dim``).
+TINY_IMAGE_DIM = 32
+
+
+def tiny_image_encoder(seed: int = 0):
+    """A two-layer ``CLIPVisionModel`` on 32x32 images (Wan2.1 I2V reads its penultimate hidden states)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    _seeded(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=TINY_IMAGE_DIM, intermediate_size=64, projection_dim=TINY_IMAGE_DIM, num_hidden_layers=2,
+        num_attention_heads=2, image_size=32, patch_size=8,
+    )
+    return CLIPVisionModel(cfg).eval()
+
+
+def tiny_image_processor():
+    """CLIP preprocessing to 32x32 (the PIL implementation: no torchvision needed)."""
+    try:  # transformers >= 5 names the PIL backend explicitly; the plain name warns without torchvision
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as proc_cls
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as proc_cls
+    return proc_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def build_tiny_wan_i2v_pipeline(pipeline_cls: type | None = None, *, seed: int = 0, scheduler: str = "unipc"):
+    """A complete tiny Wan2.1-style image-to-video pipeline of ``pipeline_cls`` (default
+    ``WanImageToVideoPipeline``): CLIP image tower, transformer with 36 input channels (latents + mask +
+    image condition) and image cross-attention, the same VAE, text encoder and scheduler as the T2V one."""
+    if pipeline_cls is None:
+        from diffusers import WanImageToVideoPipeline as pipeline_cls  # noqa: N813
+    transformer = tiny_wan_transformer(
+        seed, in_channels=36, image_dim=TINY_IMAGE_DIM,
+        added_kv_proj_dim=TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"],
+    )
+    return pipeline_cls(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed),
+        vae=tiny_wan_vae(seed),
+        scheduler=tiny_scheduler(scheduler),
+        image_processor=tiny_image_processor(),
+        image_encoder=tiny_image_encoder(seed),
+        transformer=transformer,
+    )

@@ -38,6 +38,7 @@ __all__ = [
     "guide_x0",
     "x0_from_velocity",
     "velocity_from_x0",
+    "evaluate_reward",
     "GUIDANCE_MODES",
     "NORMALIZE_MODES",
 ]
@@ -168,6 +169,104 @@ def _reward_inputs(
     return inputs
 
 
+def _per_sample_rms(t: torch.Tensor) -> torch.Tensor:
+    """RMS per sample without overflow or underflow (scaled by the per-sample max first)."""
+    flat = t.flatten(1)
+    amax = flat.abs().amax(1).clamp_min(torch.finfo(flat.dtype).tiny)
+    return amax * (flat / amax.unsqueeze(1)).pow(2).mean(1).sqrt()
+
+
+def _guidance_step(
+    grad: torch.Tensor, config: GuidanceConfig, sigma: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """The step ``scale * normalise(grad)`` with a per-sample RMS cap, robust to overflow.
+
+    The direction (unit RMS) and the magnitude are computed separately, so a huge ``scale`` or gradient is capped
+    by ``max_step`` instead of overflowing to Inf and turning into NaN (``Inf * 0``). A sample whose gradient has
+    NaN/Inf values, or whose step would still be non-finite (``max_step=None``), gets no step and a warning.
+    """
+    b = grad.shape[0]
+    shape = (-1,) + (1,) * (grad.ndim - 1)
+    bad = ~torch.isfinite(grad.flatten(1)).all(1)
+    nonfinite = bool(bad.any())
+    if nonfinite:
+        warnings.warn(
+            "reward guidance: the reward gradient has NaN/Inf values at sigma="
+            f"{float(sigma[0]):.4f}; skipping the step for {int(bad.sum())} of {b} samples (lower the scale?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        grad = torch.where(bad.view(shape), torch.zeros_like(grad), grad)
+    g_rms = _per_sample_rms(grad)
+    zero = g_rms <= torch.finfo(grad.dtype).tiny
+    direction = grad / torch.where(zero, torch.ones_like(g_rms), g_rms).view(shape)
+    # Magnitude in float64 so that scale * |grad| cannot overflow before the cap is applied.
+    if config.normalize == "rms":
+        target = torch.full((b,), float(config.scale), dtype=torch.float64, device=grad.device)
+    else:
+        target = g_rms.double() * float(config.scale)
+    target = torch.where(zero, torch.zeros_like(target), target)
+    clamped = False
+    if config.max_step is not None and bool((target > config.max_step).any()):
+        clamped = True
+        target = target.clamp(max=float(config.max_step))
+        warnings.warn(
+            f"reward guidance: step RMS above max_step={config.max_step} was clamped (scale {config.scale} "
+            "is large for this reward)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    step = direction * target.to(grad.dtype).view(shape)
+    overflow = ~torch.isfinite(step.flatten(1)).all(1)
+    if bool(overflow.any()):
+        nonfinite = True
+        warnings.warn(
+            f"reward guidance: the step overflowed for {int(overflow.sum())} of {b} samples (scale "
+            f"{config.scale} with max_step=None); skipping it for those samples",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        step = torch.where(overflow.view(shape), torch.zeros_like(step), step)
+        target = torch.where(overflow, torch.zeros_like(target), target)
+    step_rms = target.to(torch.float32)
+    return step, step_rms, clamped, nonfinite
+
+
+def evaluate_reward(
+    reward: LatentReward,
+    x0: torch.Tensor,
+    sigma: torch.Tensor | float = 0.0,
+    *,
+    x_t: torch.Tensor | None = None,
+    text_embeds: torch.Tensor | None = None,
+    metrics: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The reward per sample of a (predicted) clean latent, without gradient, in fp32.
+
+    Safe inside ``torch.inference_mode()``. For rewards that read the noisy latent, ``x_t`` defaults to ``x0`` at
+    ``sigma = 0`` (a finished sample). With ``metrics=True`` returns :meth:`LatentReward.metrics` (always with a
+    ``reward`` entry; Shell-LCC adds ``r_dist`` and ``lcc_distance``).
+    """
+    b = x0.shape[0]
+    with torch.inference_mode(False), torch.no_grad():
+        x0f = x0.detach().to(device=reward.device, dtype=torch.float32).clone()
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x0f.device).clone()
+        if sig.ndim == 0:
+            sig = sig.expand(b)
+        if x_t is not None:
+            xtf = x_t.detach().to(device=x0f.device, dtype=torch.float32).clone()
+        elif float(sig.abs().max()) == 0.0:
+            xtf = x0f
+        else:
+            xtf = None
+        te = text_embeds.detach().to(x0f.device).clone() if text_embeds is not None else None
+        inputs = _reward_inputs(reward, x0f, xtf, sig, te)
+        if metrics:
+            x0_in = inputs.pop("x0")
+            return {k: v.detach().float() for k, v in reward.metrics(x0_in, **inputs).items()}
+        return reward.reward(**inputs).detach().float()
+
+
 def guide_x0(
     reward: LatentReward,
     x0: torch.Tensor,
@@ -204,6 +303,9 @@ def guide_x0(
         sig = sig.expand(b)
     with torch.inference_mode(False), torch.enable_grad():
         # Fresh, normal tensors: inputs may be inference tensors (ComfyUI) or half precision.
+        sig = sig.clone()
+        if text_embeds is not None:
+            text_embeds = text_embeds.detach().clone()
         if config.mode == "exact":
             if denoise_fn is None or x_t is None:
                 raise ConfigError("exact reward guidance needs x_t and denoise_fn (the denoiser call)")
@@ -218,39 +320,25 @@ def guide_x0(
                 if x_t is None:
                     raise ConfigError("this reward reads the noisy latent: pass x_t to guide_x0")
                 if velocity is not None:
-                    xt_g = leaf + _bcast(sig, leaf) * velocity.detach().float()
+                    xt_g = leaf + _bcast(sig, leaf) * velocity.detach().float().clone()
                 else:
                     xt_g = x_t.detach().clone().float()
         r = reward.reward(**_reward_inputs(reward, x0_g, xt_g, sig, text_embeds))
         (grad,) = torch.autograd.grad(r.sum(), leaf)
     r = r.detach()
-    grad = grad.detach()
-    nonfinite = not bool(torch.isfinite(grad).all())
-    if nonfinite:
-        warnings.warn(
-            "reward guidance: the reward gradient has NaN/Inf values at sigma="
-            f"{float(sig[0]):.4f}; skipping the step for the affected samples (lower the scale?)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-    if config.normalize == "rms":
-        rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-        step = grad / rms.view(-1, *([1] * (grad.ndim - 1))) * config.scale
-    else:
-        step = grad * config.scale
-    step_rms = step.flatten(1).pow(2).mean(1).sqrt()
-    clamped = False
-    if config.max_step is not None and bool((step_rms > config.max_step).any()):
-        factor = (config.max_step / step_rms.clamp_min(1e-12)).clamp(max=1.0)
-        step = step * factor.view(-1, *([1] * (step.ndim - 1)))
-        step_rms = step_rms * factor
-        clamped = True
-        warnings.warn(
-            f"reward guidance: step RMS above max_step={config.max_step} was clamped (scale {config.scale} "
-            "is large for this reward)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    step, step_rms, clamped, nonfinite = _guidance_step(grad.detach(), config, sig)
     new_x0 = (x0.detach().float() + step).to(out_dtype)
+    bad = ~torch.isfinite(new_x0.flatten(1)).all(1) & torch.isfinite(x0.detach().flatten(1)).all(1)
+    if bool(bad.any()):
+        # Only possible with max_step=None: never hand the sampler a non-finite latent the step created.
+        nonfinite = True
+        warnings.warn(
+            f"reward guidance: the step made x0 non-finite for {int(bad.sum())} of {x0.shape[0]} samples; "
+            "skipping it for those samples (set max_step)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        keep = bad.view(-1, *([1] * (x0.ndim - 1)))
+        new_x0 = torch.where(keep, x0.detach().to(out_dtype), new_x0)
+        step_rms = torch.where(bad.to(step_rms.device), torch.zeros_like(step_rms), step_rms)
     return GuidanceStep(x0=new_x0, reward=r.float(), step_rms=step_rms, clamped=clamped, nonfinite=nonfinite)
