@@ -810,7 +810,8 @@ def load_input(
         return kind, load_latent_file(path, latent_space=latent_space, layout=layout)
     if encoder is None:
         raise ConfigError(f"{path}: is a video; scoring videos needs a VAE (--vae)")
-    return kind, encoder().encode_file(path, fps=fps, frames=frames, size=size)
+    pixels = decode_video(path, fps=fps, frames=frames, size=size)  # a bad file fails before the VAE loads
+    return kind, encoder().encode_pixels(pixels)
 
 
 # ============================================================================================== batch encoding
@@ -894,15 +895,16 @@ def encode_videos(
             result.skipped.append(name)
             continue
         try:
-            if enc is None:
-                enc = encoder()
-            z = enc.encode_file(path, fps=fps, frames=frames, size=size_spec)
+            pixels = decode_video(path, fps=fps, frames=frames, size=size_spec)
         except DataError as e:
             if not skip_bad:
                 raise
             logger.warning("skipping %s: %s", path, e)
             result.failed.append((str(path), str(e)))
             continue
+        if enc is None:
+            enc = encoder()
+        z = enc.encode_pixels(pixels)
         entry = {
             "file": name,
             "source": str(path),

@@ -114,7 +114,7 @@ def shell_data(tmp_path_factory, shell_world):
     return root
 
 
-TINY_FIT = dict(anchors=24, hidden=32, lcc_steps=150, shell_steps=150, batch_voxels=1024, seed=0,
+TINY_FIT = dict(anchors=24, hidden=32, lcc_steps=300, shell_steps=200, batch_voxels=1024, clips_per_step=4, seed=0,
                 checkpoint_every=1000, log_every=10, max_latent_frames=None, hist_clips=12)
 
 

@@ -69,3 +69,17 @@ def test_encode_bad_video_stops_or_is_skipped(tmp_path, tiny_vae_dirs, textured_
     assert [e["file"] for e in read_manifest(out)] == ["good.safetensors"]
     assert main(["encode", str(good), "--out", str(out), "--frames", "8"]) == 2
     assert "4k+1" in capsys.readouterr().err
+
+
+def test_encode_takes_its_shard_from_the_launcher(tmp_path, tiny_vae_dirs, textured_video_factory, capsys,
+                                                  monkeypatch):
+    """Under `accelerate launch` / torchrun each process encodes the shard given by RANK / WORLD_SIZE."""
+    vids = [textured_video_factory(tmp_path / "v" / f"clip{i}.mp4", frames=5, seed=i) for i in range(3)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    out = tmp_path / "latents"
+    assert main(["encode", *map(str, vids), "--out", str(out), "--vae", str(tiny_vae_dirs[0]), *ARGS]) == 0
+    assert "(shard 1/2)" in capsys.readouterr().out
+    assert [e["file"] for e in read_manifest(out)] == ["clip1.safetensors"]
+    assert (out / "manifest-00001-of-00002.jsonl").is_file()
