@@ -14,7 +14,7 @@ _EXPORTS = {
     "reward_output_class": ".guidance_mixin",
     "check_flow_matching_scheduler": ".guidance_mixin",
     "RewardGuidedWanPipeline": ".wan",
-    "RewardGuidedWanImageToVideoPipeline": ".wan",
+    "RewardGuidedWanImageToVideoPipeline": ".wan_i2v",
     "RewardGuidedWanPipelineOutput": ".wan",
     "DEFAULT_WAN_MODEL": ".wan",
     "load_wan_pipeline": ".wan",

@@ -38,6 +38,7 @@ class BestOfNResult:
         rewards: the reward of each candidate (higher is better).
         metrics: each candidate's named reward metrics (e.g. ``r_dist`` for Shell-LCC).
         traces: each candidate's per-step reward trace (``None`` when the pipeline records none).
+        candidate_latents: every candidate's final latent ``[1, C, T, H, W]`` (CPU, fp32).
     """
 
     frames: Any
@@ -47,6 +48,7 @@ class BestOfNResult:
     rewards: list[float]
     metrics: list[dict[str, float]]
     traces: list[RewardTrace | None]
+    candidate_latents: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def best_seed(self) -> int:
@@ -129,7 +131,7 @@ def _save_candidate(
 def best_of_n(
     pipe: Any,
     prompt: str,
-    n: int | None = 4,
+    n: int | None = None,
     *,
     seeds: Sequence[int] | None = None,
     reward: str | Path | LatentReward | None = None,
@@ -147,7 +149,7 @@ def best_of_n(
         pipe: a Wan diffusers pipeline (``RewardGuidedWanPipeline`` with a loaded reward, or any Wan pipeline
             with ``reward=``). Reward guidance settings in ``call_kwargs`` apply to every candidate.
         prompt: one prompt.
-        n: number of candidates (defaults to ``len(seeds)``); seeds default to ``0 .. n-1``.
+        n: number of candidates (may be left out when ``seeds`` is given); seeds default to ``0 .. n-1``.
         reward: score with this reward (folder, Hub id or object) instead of the pipeline's loaded one.
         output_type: how the winner is decoded (``"np"``, ``"pil"``, ``"pt"`` or ``"latent"``).
         batch_size: candidates per pipeline call (each keeps its own seed's noise).
@@ -240,5 +242,5 @@ def best_of_n(
     frames = decode_latents(pipe, best_latents.to(device), output_type)
     return BestOfNResult(
         frames=frames, latents=best_latents, best_index=best, seeds=seeds, rewards=rewards, metrics=metrics,
-        traces=traces,
+        traces=traces, candidate_latents=[lat for lat in latents_all if lat is not None],
     )

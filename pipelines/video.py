@@ -60,6 +60,9 @@ def write_video(frames: Any, path: str | Path, fps: int = 16, *, crf: int = 18) 
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a video is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..rewards.errors import CheckpointError, ConfigError
@@ -19,7 +19,6 @@ from .guidance_mixin import RewardGuidanceMixin, reward_output_class
 __all__ = [
     "DEFAULT_WAN_MODEL",
     "RewardGuidedWanPipeline",
-    "RewardGuidedWanImageToVideoPipeline",
     "RewardGuidedWanPipelineOutput",
     "load_wan_pipeline",
     "resolve_device",
@@ -44,10 +43,6 @@ class RewardGuidedWanPipeline(RewardGuidanceMixin, WanPipeline):
         out = pipe("a red kite over the sea", num_frames=33, reward_guidance_scale=0.05, reward_guidance_end=0.6)
         print(out.rewards, out.reward_metrics["r_dist"])
     """
-
-
-class RewardGuidedWanImageToVideoPipeline(RewardGuidanceMixin, WanImageToVideoPipeline):
-    r"""Wan image-to-video (Wan2.1 with CLIP image tower, or Wan2.2-style without) with latent-reward guidance."""
 
 
 _DTYPES = {
@@ -133,8 +128,9 @@ def load_wan_pipeline(
         raise ConfigError("--cpu-offload needs a GPU device (it moves models between CPU and GPU)")
     if str(model) == TINY_MODEL_ID:
         pipe = build_tiny_wan_pipeline(pipeline_cls, seed=seed)
-        for name in ("transformer", "text_encoder"):
-            getattr(pipe, name).to(torch_dtype)
+        if torch_dtype != torch.float32:
+            for name in ("transformer", "text_encoder"):
+                getattr(pipe, name).to(torch_dtype)
     else:
         from diffusers import AutoencoderKLWan
 

@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "fit_manifold",
     "score",
     "evaluate",
+    "generate",
     "train",
     "push",
     "convert",

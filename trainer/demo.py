@@ -290,6 +290,17 @@ register_section(DemoSection("manifold", "Shell-LCC: fit a manifold and score re
                              _manifold_section))
 
 
+def _guidance_section(ctx: DemoContext) -> SectionOutput:
+    from ..pipelines.demo import guided_vs_unguided
+
+    with _threads(1):
+        return SectionOutput(**guided_vs_unguided(ctx))
+
+
+register_section(DemoSection("guidance", "Reward guidance: a tiny Wan pipeline, guided vs unguided",
+                             _guidance_section), after="manifold")
+
+
 # ============================================================================================== runner
 def run_demo(
     out: str | Path = "latent-rewards-demo",
