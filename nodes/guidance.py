@@ -1,0 +1,147 @@
+"""``LatentRewardsGuidance`` (MODEL -> MODEL patch) and ``LatentRewardsGuider`` (a reward-guided CFG GUIDER).
+
+The MODEL patch adds a post-CFG hook, so it works with the stock ``KSampler``, ``KSamplerAdvanced`` and
+``SamplerCustomAdvanced`` (with any guider built on ComfyUI's CFG); the GUIDER is for ``SamplerCustomAdvanced``
+graphs that want guidance without patching the model. Both use :class:`~.hook.RewardGuidance`.
+"""
+
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..rewards.base import LatentReward
+from ..rewards.guidance import GUIDANCE_MODES, NORMALIZE_MODES, GuidanceConfig
+from .hook import WRAPPER_KEY, RewardCFGGuider, RewardGuidance
+from .types import CATEGORY, LatentRewardType, check_model_matches_reward
+
+__all__ = ["LatentRewardsGuidance", "LatentRewardsGuider", "guidance_inputs", "guidance_config"]
+
+_EXACT_NOTE = (
+    "exact: gradient through the denoiser (CFG included); about 3x the cost of a step, keeps a normal-tensor copy "
+    "of the diffusion model weights (one more model in memory) and one forward pass of activations. "
+    "cheap: gradient at the prediction only, no extra model pass."
+)
+
+
+def guidance_inputs() -> list[io.Input]:
+    """The knobs shared by the MODEL patch and the GUIDER (same names as the diffusers helper)."""
+    return [
+        LatentRewardType.Input("reward", tooltip="The reward to climb (from Latent Reward Loader)."),
+        io.Float.Input(
+            "scale", default=0.05, min=0.0, max=10.0, step=0.005,
+            tooltip="Step on the predicted clean latent per guided step. With normalize=rms it is in latent-std "
+            "units per voxel; 0 disables guidance (the reward is still traced).",
+        ),
+        io.Float.Input(
+            "start", default=0.0, min=0.0, max=1.0, step=0.01,
+            tooltip="Start of the guidance window as a fraction of denoising progress (1 - sigma): 0 = first step.",
+        ),
+        io.Float.Input(
+            "end", default=0.6, min=0.0, max=1.0, step=0.01,
+            tooltip="End of the guidance window as a fraction of denoising progress (1 - sigma): 1 = last step.",
+        ),
+        io.Combo.Input(
+            "normalize", options=list(NORMALIZE_MODES), default="rms",
+            tooltip="rms: rescale the reward gradient to unit RMS per video, so scale is a step size. "
+            "none: raw gradient times scale.",
+        ),
+        io.Combo.Input("mode", options=list(GUIDANCE_MODES), default="cheap", tooltip=_EXACT_NOTE),
+        io.Float.Input(
+            "max_step", default=1.0, min=0.0, max=100.0, step=0.01,
+            tooltip="Cap on the RMS of one step per video (a guard against extreme scales); 0 = no cap.",
+        ),
+    ]
+
+
+def guidance_config(scale: float, start: float, end: float, normalize: str, mode: str, max_step: float) -> GuidanceConfig:
+    return GuidanceConfig(
+        scale=float(scale), start=float(start), end=float(end), normalize=normalize, mode=mode,
+        max_step=float(max_step) if max_step and max_step > 0 else None,
+    ).validate()
+
+
+def _node_id(cls: type[io.ComfyNode]) -> str | None:
+    # Set by the executor on the per-run class clone; absent when a node is called directly (scripts, tests).
+    return getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+
+
+class LatentRewardsGuidance(io.ComfyNode):
+    """Patch a MODEL so that every sampler climbs the reward during its guidance window."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LatentRewardsGuidance",
+            display_name="Latent Reward Guidance",
+            category=CATEGORY,
+            description=(
+                "Reward guidance as a model patch: after CFG, the predicted clean latent is moved up the reward's "
+                "gradient during the chosen part of the schedule. Works with KSampler, KSamplerAdvanced and "
+                "SamplerCustomAdvanced. The reward must read this model's latents (e.g. a wan2.1 reward with "
+                "Wan2.1 models)."
+            ),
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to guide (e.g. Wan2.1 T2V)."), *guidance_inputs()],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with reward guidance applied.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, reward: LatentReward, scale: float, start: float, end: float, normalize: str, mode: str,
+        max_step: float,
+    ) -> io.NodeOutput:
+        check_model_matches_reward(model, reward, what="Latent Reward Guidance")
+        guidance = RewardGuidance(
+            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=_node_id(cls)
+        )
+        patched = model.clone()
+        patched.set_model_sampler_post_cfg_function(guidance.post_cfg)
+        patched.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper
+        )
+        return io.NodeOutput(patched)
+
+
+class LatentRewardsGuider(io.ComfyNode):
+    """A CFG guider with reward guidance, for SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LatentRewardsGuider",
+            display_name="Latent Reward Guider (CFG)",
+            category=CATEGORY,
+            description=(
+                "A GUIDER for SamplerCustomAdvanced: classifier-free guidance, then reward guidance on the "
+                "predicted clean latent during the chosen part of the schedule. The input model is not modified."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (e.g. Wan2.1 T2V)."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning (the prompt)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning."),
+                io.Float.Input(
+                    "cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip="Classifier-free guidance scale (Wan2.1 uses about 5-6).",
+                ),
+                *guidance_inputs(),
+            ],
+            outputs=[io.Guider.Output(display_name="guider", tooltip="Plug into SamplerCustomAdvanced.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, cfg: float, reward: LatentReward, scale: float, start: float, end: float,
+        normalize: str, mode: str, max_step: float,
+    ) -> io.NodeOutput:
+        check_model_matches_reward(model, reward, what="Latent Reward Guider")
+        guidance = RewardGuidance(
+            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=_node_id(cls)
+        )
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper)
+        guider = RewardCFGGuider(m, guidance)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
