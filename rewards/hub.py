@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "atomic_directory",
     "atomic_write_text",
+    "atomic_write_file",
     "resolve_pretrained",
     "load_reward",
     "load_reward_folder",
@@ -81,6 +82,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_file(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Write a file of any format atomically: ``write(tmp)`` fills a temporary file next to ``path`` (safetensors,
+    ``torch.save``, a PNG), which then replaces ``path`` in one rename. Readers never see a partial file; if
+    ``write`` raises, ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- resolving

@@ -33,10 +33,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -56,7 +54,7 @@ from ..rewards.errors import (
     LatentSpaceMismatchError,
     NonFiniteError,
 )
-from ..rewards.hub import looks_like_repo_id
+from ..rewards.hub import atomic_write_file, looks_like_repo_id
 from ..rewards.latent_space import WAN21, LatentSpace, get_latent_space
 
 __all__ = [
@@ -278,18 +276,9 @@ def save_latent_file(
     space = get_latent_space(latent_space)
     z = to_cthw(z, space=space, layout="CTHW", name=str(path))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta.update({"layout": "CTHW", "latent_space": space.name, "format": "latent-rewards-latent/1"})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"latent": z.contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_file(path, lambda tmp: save_file({"latent": z.contiguous()}, tmp, metadata=meta))
 
 
 # ============================================================================================== folders / manifest

@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from ..rewards.errors import CheckpointError, ConfigError
-from ..rewards.hub import atomic_directory, atomic_write_text, reward_model_card, save_reward
+from ..rewards.hub import atomic_directory, atomic_write_file, atomic_write_text, reward_model_card, save_reward
 from ..rewards.latent_space import get_latent_space
 from ..rewards.shell_lcc import ShellLCC
 from .data import VoxelSampler, _generator, list_latent_items
@@ -137,18 +136,6 @@ class _Objective(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_fit_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a fit checkpoint (``weights_only=True``) and check that it is one."""
     path = Path(path)
@@ -369,7 +356,7 @@ def fit_manifold(
 
     def checkpoint() -> None:
         if acc.is_main_process:
-            _save_state(ckpt_path_w, {
+            state = {
                 "format": CHECKPOINT_FORMAT,
                 "step": step,
                 "optimizer_stage": stage,
@@ -379,7 +366,8 @@ def fit_manifold(
                 "rng": torch.get_rng_state(),
                 "data_fingerprint": sampler.fingerprint(),
                 "world_size": acc.num_processes,
-            })
+            }
+            atomic_write_file(ckpt_path_w, lambda tmp: torch.save(state, tmp))
         acc.wait_for_everyone()
 
     ckpt_path_w = out / CHECKPOINT_DIR / STATE_FILE
@@ -424,8 +412,8 @@ def fit_manifold(
                 checkpoint()
     finally:
         bar.close()
-    if stage == 0 and acc.is_main_process and not ckpt_path_w.is_file():
-        checkpoint()  # zero steps requested: still leave a resumable state
+    if stage == 0 and ckpt_path is None:
+        checkpoint()  # no step run and nothing resumed: still leave a resumable state (all ranks: it syncs)
 
     reward = acc.unwrap_model(model).reward if model is not None else reward
     reward.freeze()

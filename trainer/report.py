@@ -8,8 +8,6 @@ functions make a one-panel figure and write it atomically.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,17 +90,15 @@ def new_figure(rows: int = 1, cols: int = 1, *, size: tuple[float, float] | None
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
     """Write a figure as PNG through a temporary file and a rename (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from ..rewards.hub import atomic_write_file
+
+    return atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
+def _labels(ax: Any, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
+    for setter, text in ((ax.set_title, title), (ax.set_xlabel, xlabel), (ax.set_ylabel, ylabel)):
+        if text:
+            setter(text)
 
 
 def plot_histograms(
@@ -131,11 +127,7 @@ def plot_histograms(
                 ax.hist(a, bins=edges, alpha=0.5, density=density, label=f"{name} (n={a.size}, mean {a.mean():.3f})")
     for label, x in (markers or {}).items():
         ax.axvline(x, color="k", linestyle="--", linewidth=1, label=label)
-    if title:
-        ax.set_title(title)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    ax.set_ylabel("density" if density else "count")
+    _labels(ax, title, xlabel, "density" if density else "count")
     ax.legend(fontsize=8)
 
 
@@ -157,12 +149,7 @@ def plot_curves(
         ax.plot(xs, y, label=name, linewidth=1.2)
     if logy:
         ax.set_yscale("log")
-    if title:
-        ax.set_title(title)
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
+    _labels(ax, title, xlabel, ylabel)
     if len(curves) > 1:
         ax.legend(fontsize=8)
 
@@ -184,10 +171,7 @@ def plot_bars(
     ax.set_xticks(range(len(names)), names, rotation=0, fontsize=8)
     if reference is not None:
         ax.axhline(reference, color="k", linestyle="--", linewidth=1)
-    if title:
-        ax.set_title(title)
-    if ylabel:
-        ax.set_ylabel(ylabel)
+    _labels(ax, title, None, ylabel)
 
 
 def save_panels(path: str | Path, panels: Sequence[Callable[[Any], None]], *, cols: int = 2, title: str | None = None) -> Path:

@@ -286,3 +286,19 @@ def test_distinguishability_matches_all_pairs_with_half_ties():
     assert distinguishability([1, 2], [3, 4]) == 1.0 and distinguishability([3], [3]) == 0.5
     s = summary_stats([1.0, 2.0, 3.0])
     assert s["n"] == 3 and s["mean"] == 2.0 and s["std"] == pytest.approx((2 / 3) ** 0.5)
+
+
+def test_atomic_file_writes_leave_the_old_file_on_failure(tmp_path):
+    from latent_rewards.rewards.hub import atomic_write_file
+
+    path = save_latent_file(tmp_path / "clip.safetensors", _z())
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_file(path, broken)
+    assert torch.equal(load_latent_file(path), _z())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.safetensors"]
