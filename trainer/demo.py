@@ -339,3 +339,7 @@ def run_demo(
         save_panels(ctx.out / "report.png", panels, cols=2, title="latent-rewards demo")
     ctx.log(f"wrote {ctx.out / 'report.txt'}, report.png and report.json")
     return {"out": ctx.out, "results": ctx.results, "timings_s": timings, "report": "\n".join(text)}
+
+
+# Sections that live in their own modules register themselves when imported.
+from . import demo_finetune  # noqa: E402,F401  (section "fine-tune")
