@@ -78,23 +78,26 @@ class ShellLCCConfig:
             )
 
 
-class _VoxelwiseScalar(torch.autograd.Function):
-    """``fn`` maps voxels ``[n, d] -> [n]`` independently per voxel. Forward evaluates it chunk by chunk and,
-    in the same pass, its gradient per voxel; backward is then a product with the saved ``[N, d]`` gradient.
-    Same arithmetic as autograd through the whole ``N x M`` graph, but peak memory is one chunk's graph."""
+def _softmax_backward_(grad: torch.Tensor, out: torch.Tensor) -> None:
+    """In place: ``grad <- out * (grad - <out, grad>)`` row-wise (the softmax backward), with ATen's fused kernel
+    when available (about 4x faster on CPU than the composed in-place formula)."""
+    try:
+        torch._softmax_backward_data(grad, out, 1, out.dtype, grad_input=grad)
+    except (AttributeError, RuntimeError, TypeError):
+        dot = torch.bmm(out.unsqueeze(1), grad.unsqueeze(2)).view(-1, 1)
+        grad.sub_(dot).mul_(out)
+
+
+class _FusedVoxelScalar(torch.autograd.Function):
+    """A per-voxel scalar (``r`` or the LCC distance) whose gradient w.r.t. each voxel is computed in the forward
+    pass by :meth:`ShellLCC._fused_scalar`; backward is a product with the saved ``[N, d]`` gradient. Valid because
+    each voxel's value depends only on that voxel (BatchNorm uses its running statistics)."""
 
     @staticmethod
-    def forward(ctx: Any, zf: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> torch.Tensor:
-        outs, grads = [], []
-        for i in range(0, zf.shape[0], chunk):
-            with torch.enable_grad():
-                zc = zf[i : i + chunk].detach().requires_grad_(True)
-                v = fn(zc)
-                (g,) = torch.autograd.grad(v.sum(), zc)
-            outs.append(v.detach())
-            grads.append(g)
-        ctx.save_for_backward(torch.cat(grads))
-        return torch.cat(outs)
+    def forward(ctx: Any, zf: torch.Tensor, model: "ShellLCC", kind: str) -> torch.Tensor:
+        values, _, grads = model._fused_scalar(zf, kind, need_grad=True)
+        ctx.save_for_backward(grads)
+        return values
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -213,18 +216,103 @@ class ShellLCC(LatentReward):
     def _params_need_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
-    def _voxel_scalar(self, zf: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        chunk = self._chunk()
+    def _voxel_scalar(self, zf: torch.Tensor, kind: str) -> torch.Tensor:
+        """Per-voxel ``r`` (``kind="shell"``) or LCC distance (``kind="lcc"``), chunked, differentiable."""
         with self._matmul_precision():
             if not torch.is_grad_enabled() or not (zf.requires_grad or self._params_need_grad()):
-                with torch.no_grad():
-                    return torch.cat([fn(zf[i : i + chunk]) for i in range(0, zf.shape[0], chunk)])
+                return self._fused_scalar(zf, kind, need_grad=False)[0]
             if self._params_need_grad():
-                # Gradients also flow to the manifold's own parameters: recompute each chunk in backward.
+                # Gradients also flow to the manifold's own parameters: plain autograd, each chunk recomputed in
+                # backward so that only chunk inputs are kept.
+                fn = self._r_flat if kind == "shell" else self._lcc_flat
+                chunk = self._chunk()
                 return torch.cat(
                     [checkpoint(fn, zf[i : i + chunk], use_reentrant=False) for i in range(0, zf.shape[0], chunk)]
                 )
-            return _VoxelwiseScalar.apply(zf, fn, chunk)
+            return _FusedVoxelScalar.apply(zf, self, kind)
+
+    @torch.no_grad()
+    def _fused_scalar(
+        self, zf: torch.Tensor, kind: str, *, need_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Hand-fused forward (and per-voxel gradient) of ``r`` / the LCC distance over chunks of voxels.
+
+        Returns ``(values, lcc_values, grads)``: ``values`` of ``kind``, the LCC distances (free by-product) and,
+        if ``need_grad``, ``d value / d z`` per voxel ``[N, d]``. Same maths as autograd through the model, but
+        BatchNorm is folded into the first layer, the two ``chunk x M`` buffers (coordinates and their gradient)
+        are allocated once and reused, and the softmax and its backward run in place, so the ``N x M`` work runs at
+        matrix-product speed with memory bounded by one chunk.
+        """
+        n_total, d = zf.shape
+        m = self.config.num_bases
+        chunk = min(self._chunk(), max(n_total, 1))
+        lin0, bn, _, lin1, _, lin2 = self.predictor
+        bn_scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        w0 = lin0.weight * bn_scale[:, None]
+        b0 = (lin0.bias - bn.running_mean) * bn_scale + bn.bias
+        w1, b1, w2, b2 = lin1.weight, lin1.bias, lin2.weight, lin2.bias
+        hw0, hb0, hw2, hb2 = (self.surface_head[0].weight, self.surface_head[0].bias,
+                              self.surface_head[2].weight, self.surface_head[2].bias)
+        alpha, beta, eps = self.global_scale, self.global_bias, self.config.eps
+        low = self.precision == "bf16"
+        basis = self.basis.bfloat16() if low else self.basis
+        w2_mm = w2.bfloat16() if low else w2
+
+        gamma_buf = torch.empty(chunk, m, device=zf.device, dtype=torch.float32)
+        grad_buf = torch.empty(chunk, m, device=zf.device, dtype=torch.float32) if need_grad else None
+        values = torch.empty(n_total, device=zf.device, dtype=torch.float32)
+        lcc_values = torch.empty(n_total, device=zf.device, dtype=torch.float32)
+        grads = torch.empty(n_total, d, device=zf.device, dtype=torch.float32) if need_grad else None
+
+        for i in range(0, n_total, chunk):
+            zc = zf[i : i + chunk]
+            n = zc.shape[0]
+            gamma = gamma_buf[:n]
+            # coder: (Linear+BN) -> ReLU -> Linear -> ReLU -> Linear(M) -> softmax, in place
+            h1 = torch.addmm(b0, zc, w0.t())
+            mask1 = h1 > 0
+            h1.clamp_min_(0)
+            h2 = torch.addmm(b1, h1, w1.t())
+            mask2 = h2 > 0
+            h2.clamp_min_(0)
+            if low:
+                gamma.copy_(F.linear(h2.bfloat16(), w2_mm, b2.bfloat16()))
+            else:
+                torch.addmm(b2, h2, w2.t(), out=gamma)
+            torch.softmax(gamma, dim=1, out=gamma)
+            coords = gamma.bfloat16() if low else gamma
+            z_hat = torch.mm(coords, basis).float() * alpha + beta
+            u = zc - z_hat
+            lcc = torch.linalg.vector_norm(u, dim=1)
+            lcc_values[i : i + n] = lcc
+            if kind == "shell":
+                h3 = torch.addmm(hb0, z_hat, hw0.t())
+                mask3 = h3 > 0
+                h3.clamp_min_(0)
+                e = torch.exp(torch.addmm(hb2, h3, hw2.t()))
+                s = e + eps
+                q = u / s
+                r = torch.linalg.vector_norm(q, dim=1)
+            else:
+                q, r = u, lcc
+            values[i : i + n] = r
+            if not need_grad:
+                continue
+            dq = q / r.clamp_min(1e-30).unsqueeze(1)  # d||q||/dq (0 where q = 0, as autograd's norm)
+            if kind == "shell":
+                du = dq / s
+                dg = -dq * q / s * e  # through s = exp(g) + eps
+                dz_hat = -du + torch.mm(torch.mm(dg, hw2) * mask3, hw0)
+            else:
+                du = dq
+                dz_hat = -du
+            dgamma = grad_buf[:n]
+            torch.mm(dz_hat * alpha, self.basis.t(), out=dgamma)
+            _softmax_backward_(dgamma, gamma)
+            dh2 = (torch.mm(dgamma.bfloat16(), w2_mm).float() if low else torch.mm(dgamma, w2)) * mask2
+            dh1 = torch.mm(dh2, w1) * mask1
+            grads[i : i + n] = du + torch.mm(dh1, w0)
+        return values, lcc_values, grads
 
     def _voxel_vector(self, zf: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         chunk = self._chunk()
@@ -253,7 +341,7 @@ class ShellLCC(LatentReward):
 
     def distance_map(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised distance ``r`` of every voxel to the shell, ``[B, T, H, W]`` (real data sit near 1)."""
-        return self._unflatten_map(self._voxel_scalar(self._flatten(z), self._r_flat), z)
+        return self._unflatten_map(self._voxel_scalar(self._flatten(z), "shell"), z)
 
     def distance(self, z: torch.Tensor) -> torch.Tensor:
         """``R_dist`` per sample, ``[B]``: the mean of :meth:`distance_map` over the sample's voxels."""
@@ -261,7 +349,7 @@ class ShellLCC(LatentReward):
 
     def lcc_distance(self, z: torch.Tensor) -> torch.Tensor:
         """The plain-LCC baseline per sample, ``[B]``: mean Euclidean ``||z - z_hat||`` over voxels."""
-        return self._unflatten_map(self._voxel_scalar(self._flatten(z), self._lcc_flat), z).flatten(1).mean(dim=1)
+        return self._unflatten_map(self._voxel_scalar(self._flatten(z), "lcc"), z).flatten(1).mean(dim=1)
 
     def reward_from_distance(self, r_dist: torch.Tensor) -> torch.Tensor:
         if self.config.reward_mode == "band":
@@ -296,21 +384,13 @@ class ShellLCC(LatentReward):
     def metrics(self, x0: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
         """``r_dist``, ``lcc_distance`` and ``reward`` per sample in one chunked pass (no gradient)."""
         self.check_inputs(x0, **inputs)
-        zf = self._flatten(x0)
-        chunk = self._chunk()
-        r_parts, l_parts = [], []
-        with torch.no_grad(), self._matmul_precision():
-            for i in range(0, zf.shape[0], chunk):
-                zc = zf[i : i + chunk]
-                z_hat = self._skeleton_flat(zc)
-                diff = zc - z_hat
-                r_parts.append(torch.linalg.vector_norm(diff / self._shell_scale(z_hat), dim=1))
-                l_parts.append(torch.linalg.vector_norm(diff, dim=1))
+        with self._matmul_precision():
+            r, lcc, _ = self._fused_scalar(self._flatten(x0), "shell", need_grad=False)
         b = x0.shape[0]
-        r_dist = torch.cat(r_parts).view(b, -1).mean(1)
+        r_dist = r.view(b, -1).mean(1)
         return {
             "r_dist": r_dist,
-            "lcc_distance": torch.cat(l_parts).view(b, -1).mean(1),
+            "lcc_distance": lcc.view(b, -1).mean(1),
             "reward": self.reward_from_distance(r_dist),
         }
 
