@@ -318,7 +318,6 @@ def run_demo(
     unknown = sorted(set(sections or []) - {s.name for s in SECTIONS})
     if unknown:
         raise ConfigError(f"unknown demo section(s) {unknown}; available: {[s.name for s in SECTIONS]}")
-    torch.set_grad_enabled(True)
     text: list[str] = [f"latent-rewards demo (seed {seed})", ""]
     panels: list[Panel] = []
     timings: dict[str, float] = {}

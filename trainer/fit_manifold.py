@@ -253,12 +253,14 @@ def _write_outputs(out: Path, reward: ShellLCC, cfg: FitConfig, sampler: VoxelSa
                                            title="r per voxel", xlabel="r", markers={"shell r = 1": 1.0}),
             ],
         )
-        curves = {k: [e[k] for e in log if k in e] for k in ("loss",)}
-        steps = [e["step"] for e in log if "loss" in e]
-        if steps:
+        stages = {"stage 1 (LCC)": [e for e in log if e.get("stage") == 1 and "loss" in e],
+                  "stage 2 (shell)": [e for e in log if e.get("stage") == 2 and "loss" in e]}
+        stages = {k: v for k, v in stages.items() if v}
+        if stages:
             save_panels(tmp / "train_curves.png", [
-                lambda ax: plot_curves(ax, curves, x=steps, title="training loss (stage 1, then stage 2)",
-                                       xlabel="step", ylabel="loss", logy=True),
+                lambda ax: plot_curves(ax, {k: [e["loss"] for e in v] for k, v in stages.items()},
+                                       x={k: [e["step"] for e in v] for k, v in stages.items()},
+                                       title="training loss", xlabel="step", ylabel="loss", logy=True),
             ], cols=1)
     return summary
 

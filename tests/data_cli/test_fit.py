@@ -122,6 +122,15 @@ def test_output_folder_checks(tmp_path, shell_data, capsys):
         assert err.count("\n") == 1 and err.startswith("latent-rewards fit-manifold: error:") and words in err
 
 
+def test_optional_regularisers_are_used_when_enabled(tmp_path, shell_data):
+    cfg = FitConfig(**dict(RESUME, lcc_steps=3, shell_steps=0, lambda_usage=0.1, lambda_basis=0.1))
+    fit_manifold(shell_data / "train", tmp_path / "r", cfg, progress=False)
+    entry = _log(tmp_path / "r")[-1]
+    assert entry["usage_kl"] >= 0 and entry["basis_to_voxel"] >= 0
+    parts = entry["recon"] + entry["locality"] + 0.1 * (entry["usage_kl"] + entry["basis_to_voxel"])
+    assert entry["loss"] == pytest.approx(parts, rel=1e-5)
+
+
 def test_cli_fit_with_max_steps_and_resume(tmp_path, shell_data, capsys):
     base = ["fit-manifold", str(shell_data / "train"), "--out", str(tmp_path / "r"), "--anchors", "8", "--hidden",
             "8", "--lcc-steps", "4", "--shell-steps", "4", "--batch-voxels", "128", "--checkpoint-every", "2",
