@@ -119,7 +119,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_fit, shell_data, capsys):
 
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--seed", "0", "--quiet"]) == 0
+    # Only this area's section: the guidance and fine-tuning sections are tested by their own areas.
+    assert main(["demo", "--out", str(out), "--seed", "0", "--quiet", "--sections", "manifold"]) == 0
     text = capsys.readouterr().out
     assert "What the paper claims" in text
     report = json.loads((out / "report.json").read_text())
@@ -133,5 +134,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert all(res["checks"].values())
     assert res["train_r_dist"]["mean"] == pytest.approx(1.0, abs=0.1)
     assert (out / "report.txt").read_text().startswith("latent-rewards demo")
+    assert list(report["sections"]) == ["manifold"]
+    assert main(["demo", "--out", str(out), "--sections", "nope"]) == 2
+    assert "unknown demo section" in capsys.readouterr().err
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert ShellLCC.from_pretrained(out / "reward").config.num_bases == 48
