@@ -25,6 +25,7 @@ def guided_vs_unguided(
     seeds: tuple[int, ...] = (0, 1, 2, 3),
     scale: float = 0.1,
     steps: int = 8,
+    pipe: Any = None,
 ) -> dict[str, Any]:
     """Generate ``seeds`` with and without reward guidance and compare final ``R_dist``.
 
@@ -34,6 +35,7 @@ def guided_vs_unguided(
         seeds: sampling seeds (offset by ``ctx.seed``); each is run once unguided and once guided.
         scale: guidance step (latent-std units per guided step).
         steps: denoising steps.
+        pipe: a tiny ``RewardGuidedWanPipeline`` to reuse (default: build one).
 
     Returns:
         ``{"results": ..., "lines": [...], "panels": [...]}`` (the fields of the demo's ``SectionOutput``).
@@ -50,11 +52,13 @@ def guided_vs_unguided(
     base_seed = int(getattr(ctx, "seed", 0)) * 1000
     log(f"tiny random Wan pipeline (CPU), {len(seeds)} seeds x {steps} steps, unguided vs reward guidance "
         f"(scale {scale}, cheap mode)")
-    pipe = load_wan_pipeline("tiny", device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    if pipe is None:
+        pipe = load_wan_pipeline("tiny", device="cpu")
+        pipe.set_progress_bar_config(disable=True)
     pipe.load_latent_reward(reward)
+    # 32 text tokens: the tiny transformer's cost is dominated by its 4096-wide text projections otherwise.
     call = dict(prompt=_PROMPT, num_frames=9, height=64, width=64, num_inference_steps=steps,
-                output_type="latent")
+                max_sequence_length=32, output_type="latent")
     runs: dict[str, list[Any]] = {"unguided": [], "guided": []}
     for s in seeds:
         for name, sc in (("unguided", 0.0), ("guided", scale)):

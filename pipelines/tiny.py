@@ -170,22 +170,30 @@ def tiny_image_processor():
     return proc_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
-def build_tiny_wan_i2v_pipeline(pipeline_cls: type | None = None, *, seed: int = 0, scheduler: str = "unipc"):
-    """A complete tiny Wan2.1-style image-to-video pipeline of ``pipeline_cls`` (default
-    ``WanImageToVideoPipeline``): CLIP image tower, transformer with 36 input channels (latents + mask +
-    image condition) and image cross-attention, the same VAE, text encoder and scheduler as the T2V one."""
+def build_tiny_wan_i2v_pipeline(
+    pipeline_cls: type | None = None, *, seed: int = 0, scheduler: str = "unipc", wan22: bool = False,
+    **components: Any,
+):
+    """A complete tiny Wan image-to-video pipeline of ``pipeline_cls`` (default ``WanImageToVideoPipeline``).
+
+    ``wan22=False``: Wan2.1 I2V layout (CLIP image tower; the transformer reads 36 channels: latents, mask and
+    image condition, plus image cross-attention). ``wan22=True``: Wan2.2-style (no image tower,
+    ``expand_timesteps``: the first latent frame is replaced by the encoded image). ``components`` replace the
+    built ones (e.g. share a text encoder with another tiny pipeline).
+    """
     if pipeline_cls is None:
         from diffusers import WanImageToVideoPipeline as pipeline_cls  # noqa: N813
-    transformer = tiny_wan_transformer(
-        seed, in_channels=36, image_dim=TINY_IMAGE_DIM,
-        added_kv_proj_dim=TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"],
-    )
-    return pipeline_cls(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=tiny_text_encoder(seed),
-        vae=tiny_wan_vae(seed),
-        scheduler=tiny_scheduler(scheduler),
-        image_processor=tiny_image_processor(),
-        image_encoder=tiny_image_encoder(seed),
-        transformer=transformer,
-    )
+    if wan22:
+        parts: dict[str, Any] = dict(transformer=tiny_wan_transformer(seed), expand_timesteps=True)
+    else:
+        width = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
+        parts = dict(
+            transformer=tiny_wan_transformer(seed, in_channels=36, image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=width),
+            image_processor=tiny_image_processor(),
+            image_encoder=tiny_image_encoder(seed),
+        )
+    for name, make in (("tokenizer", tiny_tokenizer), ("text_encoder", lambda: tiny_text_encoder(seed)),
+                       ("vae", lambda: tiny_wan_vae(seed)), ("scheduler", lambda: tiny_scheduler(scheduler))):
+        if name not in components:
+            parts[name] = make()
+    return pipeline_cls(**{**parts, **components})
