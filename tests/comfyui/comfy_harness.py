@@ -153,6 +153,7 @@ class ComfyServer:
         self.env = {**os.environ, **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join([str(STUBS), *filter(None, [self.env.get("PYTHONPATH")])])
         self.env.setdefault("HF_HUB_OFFLINE", "1")
+        self.env["PYTHONUNBUFFERED"] = "1"  # tests read the log while the server runs
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":
@@ -226,16 +227,19 @@ class ComfyServer:
                 msg = json.loads(raw)
                 messages.append(msg)
                 data = msg.get("data") or {}
-                if data.get("prompt_id") == prompt_id and (
-                    msg.get("type") in ("execution_success", "execution_error", "execution_interrupted")
-                    or (msg.get("type") == "executing" and data.get("node") is None)
-                ):
+                # main.py sends this after it has stored the prompt in /history (execution_success comes before).
+                if msg.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
                     break
             else:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_tail()}")
         finally:
             ws.close()
-        entry = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        entry: dict = {}
+        for _ in range(50):
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+            if entry.get("status"):
+                break
+            time.sleep(0.1)
         return PromptResult(prompt_id, entry.get("status", {}), entry.get("outputs", {}), messages)
 
 
