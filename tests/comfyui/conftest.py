@@ -45,6 +45,7 @@ def _import_comfy(root, base) -> None:
     import transformers.utils.import_utils as tf_utils
 
     tf_utils.is_torchvision_available()
+    tf_utils.is_torchvision_v2_available()  # lru-cached: pin the answer (False) now
     argv = sys.argv
     sys.path[:0] = [str(STUBS), str(root)]
     sys.argv = [argv[0], "--cpu", "--base-directory", str(base)]

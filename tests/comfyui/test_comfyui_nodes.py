@@ -274,6 +274,17 @@ def test_guidance_rejects_a_model_of_another_latent_space(comfy_env, reward):
         _guide(wan22, reward)
 
 
+def test_comfyui_detects_the_tiny_checkpoints_as_wan_models(tiny_model, comfy_env):
+    import comfy.sd
+
+    assert type(tiny_model.model.model_config).__name__ == "WAN21_T2V"
+    assert type(tiny_model.model).__name__ == "WAN21"
+    assert type(tiny_model.get_model_object("latent_format")).__name__ == "Wan21"
+    with torch.inference_mode():
+        wan22 = comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / TINY_WAN22))
+    assert type(wan22.model.model_config).__name__ == "WAN22_T2V"
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def test_score_node_scores_curves_and_heatmaps(tiny_model, reward):
     from latent_rewards.nodes.score import LatentRewardsScore
