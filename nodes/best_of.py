@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..rewards.base import LatentReward
 from .score import score_latent_batch, scoring_inputs
-from .types import CATEGORY
+from .types import CATEGORY, node_id_of
 
 __all__ = ["LatentRewardsBestOf", "select_latents"]
 
@@ -60,10 +60,9 @@ class LatentRewardsBestOf(io.ComfyNode):
     def execute(
         cls, latent: dict, reward: LatentReward, latent_format: str, k: int, model: Any = None, positive: Any = None
     ) -> io.NodeOutput:
-        node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         res = score_latent_batch(
             latent, reward, latent_format=latent_format, model=model, positive=positive,
-            what="Latent Reward Best-of-N", maps=False, node_id=node_id,
+            what="Latent Reward Best-of-N", maps=False, node_id=node_id_of(cls),
         )
         n = len(res.scores)
         keep = min(int(k), n)

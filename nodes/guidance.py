@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from ..rewards.base import LatentReward
 from ..rewards.guidance import GUIDANCE_MODES, NORMALIZE_MODES, GuidanceConfig
 from .hook import WRAPPER_KEY, RewardCFGGuider, RewardGuidance
-from .types import CATEGORY, LatentRewardType, check_model_matches_reward
+from .types import CATEGORY, LatentRewardType, check_model_matches_reward, node_id_of
 
 __all__ = ["LatentRewardsGuidance", "LatentRewardsGuider", "guidance_inputs", "guidance_config"]
 
@@ -61,11 +61,6 @@ def guidance_config(scale: float, start: float, end: float, normalize: str, mode
     ).validate()
 
 
-def _node_id(cls: type[io.ComfyNode]) -> str | None:
-    # Set by the executor on the per-run class clone; absent when a node is called directly (scripts, tests).
-    return getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
-
-
 class LatentRewardsGuidance(io.ComfyNode):
     """Patch a MODEL so that every sampler climbs the reward during its guidance window."""
 
@@ -93,7 +88,7 @@ class LatentRewardsGuidance(io.ComfyNode):
     ) -> io.NodeOutput:
         check_model_matches_reward(model, reward, what="Latent Reward Guidance")
         guidance = RewardGuidance(
-            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=_node_id(cls)
+            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)
         )
         patched = model.clone()
         patched.set_model_sampler_post_cfg_function(guidance.post_cfg)
@@ -137,7 +132,7 @@ class LatentRewardsGuider(io.ComfyNode):
     ) -> io.NodeOutput:
         check_model_matches_reward(model, reward, what="Latent Reward Guider")
         guidance = RewardGuidance(
-            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=_node_id(cls)
+            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)
         )
         m = model.clone()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper)

@@ -19,7 +19,7 @@ from ..rewards.errors import MissingInputError
 from ..rewards.guidance import evaluate_reward
 from .progress import progress_bar
 from .render import curve_image, heat_range, heatmap_frames, heatmap_sheet, score_cards
-from .types import CATEGORY, LatentRewardType, latent_format_options, normalised_latents, reward_on
+from .types import CATEGORY, LatentRewardType, latent_format_options, node_id_of, normalised_latents, reward_on
 
 __all__ = ["LatentRewardsScore", "BatchScores", "score_latent_batch", "scoring_inputs"]
 
@@ -144,10 +144,9 @@ class LatentRewardsScore(io.ComfyNode):
     def execute(
         cls, latent: dict, reward: LatentReward, latent_format: str, model: Any = None, positive: Any = None
     ) -> io.NodeOutput:
-        node_id = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         res = score_latent_batch(
             latent, reward, latent_format=latent_format, model=model, positive=positive,
-            what="Latent Reward Score", node_id=node_id,
+            what="Latent Reward Score", node_id=node_id_of(cls),
         )
         per_frame = res.per_frame()
         title = f"{res.kind}: " + ", ".join(f"{s:.4g}" for s in res.scores[:8])

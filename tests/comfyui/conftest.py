@@ -25,10 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from comfy_assets import populate_models
 from comfy_harness import REPO, STUBS, TEST_NODES, ComfyServer, ComfyUIUnavailable, ensure_comfyui
-
 
 
 @pytest.fixture(scope="session")

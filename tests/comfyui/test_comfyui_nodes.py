@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 
 import pytest
@@ -28,18 +27,9 @@ from comfy_assets import (
     TINY_WAN22,
     make_reward,
 )
-from comfy_harness import REPO, STUBS
+from comfy_harness import NODE_IDS, REPO, STUBS
 
 pytestmark = pytest.mark.comfyui
-
-NODE_IDS = {
-    "LatentRewardsLoader",
-    "LatentRewardsGuidance",
-    "LatentRewardsGuider",
-    "LatentRewardsScore",
-    "LatentRewardsBestOf",
-    "LatentRewardsLoraLoader",
-}
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +166,8 @@ def test_loader_makes_normal_tensors_caches_and_reloads_on_change(comfy_env, pac
 
 
 def test_loader_reads_hub_repo_from_offline_cache(comfy_env, pack, reward):
-    from latent_rewards.rewards import CheckpointError
     from latent_rewards.nodes.loader import LatentRewardsLoader
+    from latent_rewards.rewards import CheckpointError
 
     with torch.inference_mode():
         hub = LatentRewardsLoader.execute(reward="ignored", repo_id=HUB_REPO).result[0]
@@ -192,8 +182,8 @@ def test_loader_reads_hub_repo_from_offline_cache(comfy_env, pack, reward):
 
 
 def test_loader_rejects_missing_and_non_reward_folders(pack):
-    from latent_rewards.rewards import CheckpointError
     from latent_rewards.nodes.loader import LatentRewardsLoader
+    from latent_rewards.rewards import CheckpointError
 
     with pytest.raises(CheckpointError, match="not found in"):
         LatentRewardsLoader.execute(reward="no-such-reward", repo_id="")
@@ -315,8 +305,8 @@ def test_score_node_scores_curves_and_heatmaps(tiny_model, reward):
 
 def test_score_node_rejects_wrong_latents(comfy_env, tiny_model, reward):
     import comfy.sd
-    from latent_rewards.rewards import LatentShapeError, LatentSpaceMismatchError
     from latent_rewards.nodes.score import LatentRewardsScore
+    from latent_rewards.rewards import LatentShapeError, LatentSpaceMismatchError
 
     with torch.inference_mode():
         with pytest.raises(LatentShapeError, match="5-D tensor"):
@@ -419,8 +409,8 @@ def test_lora_loader_applies_both_formats_like_peft_merging(comfy_env, tiny_mode
 
 
 def test_lora_loader_refuses_keys_that_would_not_load(comfy_env, tiny_model):
-    from latent_rewards.rewards import CheckpointError
     from latent_rewards.nodes.lora import LatentRewardsLoraLoader
+    from latent_rewards.rewards import CheckpointError
     from safetensors.torch import load_file, save_file
 
     loras = comfy_env.base / "models" / "loras" / "unit"

@@ -11,20 +11,12 @@ import json
 
 import pytest
 import torch
-from comfy_assets import HUB_REPO, LORA_COMFYUI, LORA_DIFFUSERS, LORA_NOT_A_LORA, REWARD_NAME, TINY_WAN21, TINY_WAN22
-from comfy_harness import REPO, load_workflow
+from comfy_assets import HUB_REPO, LORA_COMFYUI, LORA_DIFFUSERS, LORA_NOT_A_LORA, REWARD_NAME, TINY_WAN22
+from comfy_harness import NODE_IDS, REPO, load_workflow
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.comfyui
 
-NODE_IDS = {
-    "LatentRewardsLoader",
-    "LatentRewardsGuidance",
-    "LatentRewardsGuider",
-    "LatentRewardsScore",
-    "LatentRewardsBestOf",
-    "LatentRewardsLoraLoader",
-}
 WORKFLOWS = [
     "wan21_t2v_reward_guidance",
     "wan21_t2v_reward_guider",
@@ -185,7 +177,7 @@ def test_guidance_changes_the_sample_and_lowers_r_dist_with_stock_samplers(comfy
     assert (guided - unguided).abs().max() > 1e-2
     r_guided = _scores(result, "9")["metrics"]["r_dist"]
     r_plain = _scores(result, "109")["metrics"]["r_dist"]
-    assert all(g < p - 0.05 for g, p in zip(r_guided, r_plain)), (r_guided, r_plain)
+    assert all(g < p - 0.05 for g, p in zip(r_guided, r_plain, strict=True)), (r_guided, r_plain)
     assert result.events("latent_rewards.trace")[-1]["node"] == "8"
 
 
@@ -318,8 +310,8 @@ def test_ui_workflow_is_valid_and_matches_its_api_twin(comfy_server, name):
             for key, value in widgets.items():
                 if key not in ("reward", "repo_id", "lora_name", "cfg"):
                     assert twin["inputs"][key] == value, (node["type"], key)
-            linked = {i["name"]: nodes[next(l for l in ui["links"] if l[0] == i["link"])[1]]["type"]
-                      for i in node["inputs"] if i["link"] is not None}
+            origin = {link[0]: link[1] for link in ui["links"]}
+            linked = {i["name"]: nodes[origin[i["link"]]]["type"] for i in node["inputs"] if i["link"] is not None}
             for key, src_type in linked.items():
                 src_id = twin["inputs"][key][0]
                 assert api[src_id]["class_type"] == src_type or src_type == "CLIPTextEncode", (key, src_type)
