@@ -573,11 +573,7 @@ class RewardGuidanceMixin:
             The new (validated) default :class:`GuidanceConfig`.
         """
         state = self._reward_state()
-        changes = {k: v for k, v in dict(scale=scale, start=start, end=end, mode=mode, normalize=normalize).items()
-                   if v is not None}
-        if max_step is not _UNSET:
-            changes["max_step"] = max_step
-        config = dataclasses.replace(state["config"], **changes).validate()
+        config = self._guidance_with(scale, start, end, mode, normalize, max_step)
         if adapter_name is not None:
             if adapter_name not in state["rewards"]:
                 raise ConfigError(
@@ -586,6 +582,17 @@ class RewardGuidanceMixin:
             state["active"] = adapter_name
         state["config"] = config
         return dataclasses.replace(config)
+
+    def _guidance_with(
+        self, scale: float | None, start: float | None, end: float | None, mode: str | None,
+        normalize: str | None, max_step: Any,
+    ) -> GuidanceConfig:
+        """The default guidance with the given fields changed (``None`` / unset: keep), validated."""
+        changes = {k: v for k, v in dict(scale=scale, start=start, end=end, mode=mode, normalize=normalize).items()
+                   if v is not None}
+        if max_step is not _UNSET:
+            changes["max_step"] = max_step
+        return dataclasses.replace(self._reward_state()["config"], **changes).validate()
 
     # -- scoring
     def score_latents(
@@ -639,18 +646,14 @@ class RewardGuidanceMixin:
         the tuple is ``(frames, rewards, reward_metrics, reward_trace)``. Without a reward the parent's output
         is returned unchanged.
         """
-        changes = {
-            "scale": reward_guidance_scale, "start": reward_guidance_start, "end": reward_guidance_end,
-            "mode": reward_guidance_mode, "normalize": reward_guidance_normalize,
-        }
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if reward_guidance_max_step is not _UNSET:
-            changes["max_step"] = reward_guidance_max_step
-        config = dataclasses.replace(self._reward_state()["config"], **changes).validate()
+        config = self._guidance_with(
+            reward_guidance_scale, reward_guidance_start, reward_guidance_end, reward_guidance_mode,
+            reward_guidance_normalize, reward_guidance_max_step,
+        )
         reward = self.latent_reward
         parent_call = super().__call__  # type: ignore[misc]
         if reward is None:
-            if config.enabled and "scale" in changes:
+            if config.enabled and reward_guidance_scale is not None:
                 raise ConfigError(
                     "reward_guidance_scale > 0 but no latent reward is loaded: call "
                     "pipe.load_latent_reward(path_or_repo_id) first"

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..rewards.errors import ConfigError
+from ..rewards.hub import atomic_write_file
 
 __all__ = ["frames_to_uint8", "write_video"]
 
@@ -42,15 +41,12 @@ def write_video(frames: Any, path: str | Path, fps: int = 16, *, crf: int = 18) 
     import av
 
     arr = frames_to_uint8(frames)
-    f, h, w, _ = arr.shape
+    _, h, w, _ = arr.shape
     if h % 2 or w % 2:
         arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w") as container:
+
+    def encode(tmp: str) -> None:
+        with av.open(tmp, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=int(fps))
             stream.width, stream.height = arr.shape[2], arr.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -62,10 +58,6 @@ def write_video(frames: Any, path: str | Path, fps: int = 16, *, crf: int = 18) 
                 container.mux(packet)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a video is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+        os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600; a video is an ordinary file
+
+    return atomic_write_file(path, encode)
