@@ -81,6 +81,8 @@ class TrainResult:
     interrupted: bool = False
     checkpoints: list[Path] = field(default_factory=list)
     last_logs: dict[str, float] = field(default_factory=dict)
+    #: False in the other processes of a distributed run (they should not report).
+    main_process: bool = True
 
 
 class _StopRequest:
@@ -206,6 +208,8 @@ class Trainer:
         self._resume_from = self._resume_checkpoint()
         acc = self.acc = self._accelerator()
         self.main = acc.is_main_process
+        if not self.main:  # one process reports; the others only warn
+            logger.setLevel(logging.WARNING)
         self.device = acc.device
         self.weight_dtype = DTYPES[cfg.resolved_weight_dtype()]
         if self.main:
@@ -483,6 +487,10 @@ class Trainer:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         logs = dict(sums)
+        if acc.num_processes > 1:  # report the mean over processes, not rank 0's share
+            keys = sorted(logs)
+            mean = acc.reduce(torch.tensor([logs[k] for k in keys], device=self.device), reduction="mean")
+            logs = dict(zip(keys, mean.tolist()))
         logs.update(grad_norm=grad_norm, lr=float(self.scheduler.get_last_lr()[0]), skipped=float(skip))
         return logs
 
@@ -599,8 +607,10 @@ class Trainer:
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if not self.main:
             return
+        # Strict JSON: a NaN/Inf (a skipped step's loss) is written as null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
             f.flush()
 
     # ================================================================================= writing
@@ -729,7 +739,7 @@ class Trainer:
         result = TrainResult(
             output_dir=self.output_dir, step=self.step, best_step=self.monitor.best_step,
             best_dir=best_dir if best_dir.is_dir() else None, stop_reason=stop_reason, interrupted=interrupted,
-            checkpoints=[p for _, p in list_checkpoints(self.output_dir)], last_logs=logs,
+            checkpoints=[p for _, p in list_checkpoints(self.output_dir)], last_logs=logs, main_process=self.main,
         )
         if cfg.hub.push_at_end and self.main and result.best_dir is not None and not interrupted:
             from .hub import push

@@ -61,7 +61,8 @@ def load_transformer(model: str, revision: str | None = None, dtype: torch.dtype
     if is_tiny(model):
         from ..pipelines.tiny import tiny_wan_transformer
 
-        return tiny_wan_transformer().to(dtype)
+        model = tiny_wan_transformer()
+        return model if dtype == torch.float32 else model.to(dtype)
     from diffusers import WanTransformer3DModel
 
     return _from_pretrained(WanTransformer3DModel, model, "transformer", revision, torch_dtype=dtype)

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (which must exist); by default a run "
+                        "continues from one when there is one")
+    g.add_argument("--resume-from", metavar="CHECKPOINT", default=None, help="continue from this checkpoint folder")
+    g.add_argument("--no-resume", action="store_true", help="start fresh (output_dir must hold no checkpoints)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
@@ -19,27 +30,38 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("config", help="YAML config file or built-in config name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=12")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in output_dir (must exist), or from CHECKPOINT")
-    g.add_argument("--no-resume", action="store_true", help="start fresh (output_dir must hold no checkpoints)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    # REMAINDER so options may follow the overrides (`train cfg max_steps=3 --no-progress`); they are split in run().
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value ...",
+                   help="config overrides, e.g. max_steps=12 lora.rank=8")
+    _add_flags(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import dump_config, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    flags = [a for a in args.overrides if a.startswith("-")]
+    overrides = [a for a in args.overrides if not a.startswith("-")]
+    if flags:
+        late = argparse.ArgumentParser(
+            prog="latent-rewards train CONFIG [key=value ...]",
+            description="Options after the overrides (see `latent-rewards train --help` for everything).",
+        )
+        _add_flags(late)
+        extra = late.parse_args(flags)
+        for key, value in vars(extra).items():
+            if value not in (None, False):
+                setattr(args, key, value)
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    resume = "never" if args.no_resume else args.resume
+    resume = "never" if args.no_resume else ("latest" if args.resume else args.resume_from)
     from ..loop import train
 
     result = train(cfg, resume=resume, progress=not args.no_progress)
+    if not result.main_process:
+        return 130 if result.interrupted else 0
     where = f"best step {result.best_step} in {result.best_dir}" if result.best_dir else "no best/ export"
     print(f"trained to step {result.step}; {where}; run folder {result.output_dir}")
     if result.stop_reason:
