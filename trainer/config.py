@@ -304,6 +304,8 @@ class TrainConfig:
     seed: int = 0
     #: Run on CPU even when a GPU is present.
     cpu: bool = False
+    #: torch CPU threads while training (null: torch's default). Tiny models run fastest on 1.
+    cpu_threads: int | None = None
     checkpoint_every: int = 10
     #: Keep the last K ``checkpoint-<step>`` folders (``best/`` is kept separately).
     keep_last: int = 3
@@ -342,6 +344,8 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every: expected >= 0 (0: only at the end), got {self.checkpoint_every}")
         _positive(self.keep_last, "keep_last", integer=True)
         _positive(self.max_sequence_length, "max_sequence_length", integer=True)
+        if self.cpu_threads is not None:
+            _positive(self.cpu_threads, "cpu_threads", integer=True)
         if self.seed < 0:
             raise ConfigError(f"seed: expected >= 0, got {self.seed}")
         if isinstance(self.prompts, list):

@@ -119,6 +119,20 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count for the duration of a run (restored afterwards)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -673,6 +687,10 @@ class Trainer:
     # ================================================================================= the run
     def train(self) -> TrainResult:
         """Run until ``max_steps``, an early stop, or Ctrl-C; returns what was produced."""
+        with _cpu_threads(self.config.cpu_threads):
+            return self._train()
+
+    def _train(self) -> TrainResult:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
