@@ -556,7 +556,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     cfg.method = MethodSection(method_name, method_settings)
     cfg.rollout = RolloutSection(rollout_name, rollout_settings)
     METHODS[method_name].check_rollout(rollout_name)
-    for section, name, settings in (("method", method_name, method_settings), ("rollout", rollout_name, rollout_settings)):
+    for section, settings in (("method", method_settings), ("rollout", rollout_settings)):
         validate = getattr(settings, "validate", None)
         if callable(validate):
             validate(section)

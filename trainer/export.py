@@ -40,7 +40,6 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "prune_checkpoints",
-    "copy_export",
 ]
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -298,16 +297,3 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> list[Path]:
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
-
-
-def copy_export(src: Path, dest: Path, *, include_state: bool = False, include_videos: bool = True) -> None:
-    """Copy an export folder's contents into ``dest`` (an empty folder), optionally without training state."""
-    for item in src.iterdir():
-        if item.name == TRAINING_STATE_DIR and not include_state:
-            continue
-        if item.name == "validation" and not include_videos:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dest / item.name)
-        else:
-            shutil.copy2(item, dest / item.name)

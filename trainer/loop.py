@@ -39,8 +39,6 @@ from ..rewards.errors import CheckpointError, ConfigError, NonFiniteError
 from ..rewards.hub import atomic_directory, atomic_write_text
 from .config import TrainConfig, config_to_dict, dump_config, read_prompts
 from .export import (
-    LORA_WEIGHTS_NAME,
-    copy_export,
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -422,13 +420,19 @@ class Trainer:
             from diffusers import WanTransformer3DModel
 
             trainable = WanTransformer3DModel.from_pretrained(str(ckpt / "transformer")).state_dict()
-        own = dict(self.transformer.named_parameters())
         missing = sorted(set(self.trainable_names) - set(trainable))
         if missing:
             raise CheckpointError(f"{ckpt}: trainable weights missing from the checkpoint: {missing[:6]}")
-        with torch.no_grad():
-            for name in self.trainable_names:
-                own[name].copy_(trainable[name].to(own[name].dtype))
+        if self._is_fsdp():  # sharded parameters: let torch scatter the full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, {n: trainable[n] for n in self.trainable_names},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            own = dict(self.transformer.named_parameters())
+            with torch.no_grad():
+                for name in self.trainable_names:
+                    own[name].copy_(trainable[name].to(own[name].dtype))
         self._load_optimizer_state(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self._set_random_state(st["random_state"])

@@ -156,7 +156,6 @@ class TextEmbeddingCache:
         if not todo:
             return 0
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
         device = torch.device(device)

@@ -217,6 +217,13 @@ class OneStepSettings:
             )
 
 
+def _check_sampler(path: str, num_steps: int, shift: float) -> None:
+    if num_steps < 2:
+        raise ConfigError(f"{path}.num_steps: expected >= 2, got {num_steps}")
+    if shift <= 0:
+        raise ConfigError(f"{path}.shift: expected > 0, got {shift}")
+
+
 @dataclass
 class TruncatedSettings:
     """``truncated``: a sampler of ``num_steps`` (shifted) steps; the gradient window starts at a random step in
@@ -229,10 +236,7 @@ class TruncatedSettings:
     grad_steps: int = 10
 
     def validate(self, path: str) -> None:
-        if self.num_steps < 2:
-            raise ConfigError(f"{path}.num_steps: expected >= 2, got {self.num_steps}")
-        if self.shift <= 0:
-            raise ConfigError(f"{path}.shift: expected > 0, got {self.shift}")
+        _check_sampler(path, self.num_steps, self.shift)
         if self.grad_steps < 0:
             raise ConfigError(f"{path}.grad_steps: expected >= 0, got {self.grad_steps}")
         if not 0 <= self.start_min <= self.start_max:
@@ -255,10 +259,7 @@ class SingleStepSettings:
     index_max: int = 38
 
     def validate(self, path: str) -> None:
-        if self.num_steps < 2:
-            raise ConfigError(f"{path}.num_steps: expected >= 2, got {self.num_steps}")
-        if self.shift <= 0:
-            raise ConfigError(f"{path}.shift: expected > 0, got {self.shift}")
+        _check_sampler(path, self.num_steps, self.shift)
         if not 0 <= self.index_min <= self.index_max <= self.num_steps - 2:
             raise ConfigError(
                 f"{path}.index_min/index_max: expected 0 <= index_min <= index_max <= num_steps - 2 "

@@ -4,7 +4,7 @@ A few tiny-cpu training steps produce ``checkpoint-N/`` (``*_comfyui.safetensors
 The reference is the same model with the LoRA merged into its weights the way peft merges it, saved as a plain
 diffusion model: sampling with ComfyUI's ``LoraLoaderModelOnly`` (our ComfyUI file) and with
 ``LatentRewardsLoraLoader`` (both files) must give the merged model's sample, and the log must not say
-"lora key not loaded".
+"lora key not loaded". The pushed folder, placed in the pack's Hub cache, loads by repo id too.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ def trained_export(comfy_models, tmp_path_factory):
 def _merged_state(checkpoint) -> dict[str, torch.Tensor]:
     """The tiny transformer with the exported LoRA merged as peft merges it, in original Wan names."""
     from diffusers import WanPipeline
-    from peft.tuners.lora import LoraLayer
-
     from latent_rewards.pipelines.tiny import build_tiny_wan_pipeline, tiny_wan_transformer
     from latent_rewards.rewards.wan_keys import diffusers_state_dict_to_wan
+    from peft.tuners.lora import LoraLayer
 
     pipe = build_tiny_wan_pipeline(WanPipeline)
     pipe.load_lora_weights(str(checkpoint))
@@ -63,7 +62,11 @@ def _merged_state(checkpoint) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in diffusers_state_dict_to_wan(plain).items()}
 
 
-def test_exported_lora_loads_in_comfyui_with_every_key_applied(comfy_server, trained_export):
+def test_exported_lora_loads_in_comfyui_with_every_key_applied(comfy_server, trained_export, tmp_path):
+    from comfy_assets import write_hub_snapshot
+
+    from latent_rewards.trainer.hub import prepare_upload
+
     checkpoint, name = trained_export
     comfy_file = f"{name}_comfyui.safetensors"
     loras = comfy_server.base / "models" / "loras" / EXPORT_DIR
@@ -71,6 +74,9 @@ def test_exported_lora_loads_in_comfyui_with_every_key_applied(comfy_server, tra
     for f in (comfy_file, "pytorch_lora_weights.safetensors"):
         (loras / f).write_bytes((checkpoint / f).read_bytes())
     save_file(_merged_state(checkpoint), str(comfy_server.base / "models" / "diffusion_models" / MERGED))
+    # What `latent-rewards push` uploads, as a Hub download leaves it in the pack's cache (offline).
+    pushed = prepare_upload(checkpoint, tmp_path / "upload")
+    write_hub_snapshot(comfy_server.base / "models" / "latent_rewards" / ".hub", "someone/tiny-trained", pushed)
     n_modules = len({k.rsplit(".", 1)[0] for k in load_file(str(checkpoint / comfy_file)) if k.endswith(".alpha")})
 
     p = load_workflow("wan21_t2v_reward_lora.json")
@@ -85,7 +91,11 @@ def test_exported_lora_loads_in_comfyui_with_every_key_applied(comfy_server, tra
     p["23"] = {"class_type": "LatentRewardsLoraLoader", "inputs": {
         "model": ["1", 0], "lora_name": f"{EXPORT_DIR}/pytorch_lora_weights.safetensors", "strength_model": 1.0,
         "repo_id": ""}}
-    branches = {"base": "1", "merged": "20", "core_comfyui": "21", "pack_comfyui": "22", "pack_diffusers": "23"}
+    p["24"] = {"class_type": "LatentRewardsLoraLoader", "inputs": {
+        "model": ["1", 0], "lora_name": f"{EXPORT_DIR}/{comfy_file}", "strength_model": 1.0,
+        "repo_id": f"someone/tiny-trained/{comfy_file}"}}
+    branches = {"base": "1", "merged": "20", "core_comfyui": "21", "pack_comfyui": "22", "pack_diffusers": "23",
+                "pack_hub": "24"}
     for i, (branch, model) in enumerate(branches.items()):
         p[f"6{i}"] = {"class_type": "KSampler", "inputs": {**copy.deepcopy(sampler), "model": [model, 0]}}
         p[f"7{i}"] = {"class_type": "SaveLatent",
@@ -101,8 +111,8 @@ def test_exported_lora_loads_in_comfyui_with_every_key_applied(comfy_server, tra
         return load_file(str(comfy_server.base / item["type"] / item["subfolder"] / item["filename"]))["latent_tensor"]
 
     out = {branch: latent(i) for i, branch in enumerate(branches)}
-    for branch in ("core_comfyui", "pack_comfyui", "pack_diffusers"):
+    for branch in ("core_comfyui", "pack_comfyui", "pack_diffusers", "pack_hub"):
         torch.testing.assert_close(out[branch], out["merged"], rtol=1e-4, atol=1e-4, msg=branch)
     assert (out["merged"] - out["base"]).abs().max() > 1e-3  # the LoRA does something
-    for node in ("22", "23"):
+    for node in ("22", "23", "24"):
         assert f"{n_modules} weights patched" in result.ui(node)["text"][0], result.ui(node)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from latent_rewards.rewards.errors import ConfigError
 from latent_rewards.trainer.config import (
     BUILTIN_CONFIGS,

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from latent_rewards.trainer.config import load_config
 from latent_rewards.trainer.loop import Trainer
 from latent_rewards.trainer.methods import ShellLCCRecipe, register_method
+from safetensors.torch import load_file
 
 
 @register_method
@@ -57,7 +56,6 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, tin
 
 def test_full_finetune_exports_a_transformer_and_resumes_exactly(tmp_path, tiny_overrides):
     from diffusers import WanTransformer3DModel
-
     from latent_rewards.pipelines.tiny import tiny_wan_transformer
 
     common = ("finetune=full", "optimizer.lr=1e-4", "method.kl_weight=0.1", "checkpoint_every=1", "validation.every=0",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from latent_rewards.trainer.config import MonitorSettings
 from latent_rewards.trainer.monitor import (
     RewardHackingMonitor,

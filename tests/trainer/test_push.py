@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from latent_rewards.rewards.errors import CheckpointError
 from latent_rewards.trainer.export import LORA_WEIGHTS_NAME, comfyui_file_name
 from latent_rewards.trainer.hub import prepare_upload, resolve_export
+from safetensors.torch import load_file
 
 SECRET = "hf_DoNotPrintThisTokenAnywhere0123456789"
 
@@ -44,7 +43,6 @@ def test_resolve_export(trained_run, tmp_path):
 
 def test_dry_run_writes_the_upload_folder_and_it_loads_back(trained_run, tmp_path, capsys):
     from diffusers import WanPipeline
-
     from latent_rewards.pipelines.tiny import build_tiny_wan_pipeline
     from latent_rewards.trainer.cli import main
 
@@ -92,7 +90,6 @@ def test_pushed_adapter_loads_from_the_hub_id_through_the_pipeline_mixin(trained
 
 def test_push_uploads_exactly_the_dry_run_folder_and_never_prints_the_token(trained_run, tmp_path, monkeypatch, capsys):
     from huggingface_hub import HfApi
-
     from latent_rewards.trainer.cli import main
 
     _, result = trained_run

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from latent_rewards.rewards.errors import ConfigError
 from latent_rewards.trainer.config import load_config
 from latent_rewards.trainer.loop import Trainer
+from safetensors.torch import load_file
 
 STEPS = 4
 #: Validation every 2 steps too, so resume also restores the monitor and the base videos.

@@ -11,7 +11,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from latent_rewards.rewards.base import LatentReward, RewardInput
 from latent_rewards.rewards.errors import ConfigError
 from latent_rewards.trainer.methods import RecipeContext, ShellLCCRecipe, ShellLCCSettings, TrainBatch
@@ -253,9 +252,8 @@ def test_reward_inputs_follow_what_the_reward_reads():
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.fixture(scope="module")
 def lora_transformer():
-    from peft import LoraConfig
-
     from latent_rewards.pipelines.tiny import tiny_wan_transformer
+    from peft import LoraConfig
 
     t = tiny_wan_transformer()
     t.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))

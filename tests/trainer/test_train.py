@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from latent_rewards.rewards.wan_keys import comfyui_lora_to_peft, diffusers_state_dict_to_wan
 from latent_rewards.trainer.export import LORA_WEIGHTS_NAME, comfyui_file_name
 from latent_rewards.trainer.rollouts import TransformerDenoiser
+from safetensors.torch import load_file
 
 
 def _records(run_dir, kind):
@@ -79,7 +78,6 @@ def _fixed_noise_r_dist(transformer, trainer, lora: bool) -> float:
 
 def test_reward_improves_and_the_diffusers_export_reproduces_the_model(trained_run):
     from diffusers import WanPipeline
-
     from latent_rewards.pipelines.tiny import build_tiny_wan_pipeline
 
     trainer, result = trained_run
