@@ -140,6 +140,8 @@ def model_card(info: dict[str, Any]) -> str:
     step = info.get("step")
     selected = info.get("selected", "")
     stop = info.get("stop_reason")
+    real_radius = cfg["monitor"]["real_radius"]
+    radius = f"`{real_radius}`" if real_radius is not None else "not set: check skipped"
     if finetune == "lora":
         diffusers_use = f"""```python
 import torch
@@ -180,8 +182,8 @@ license: apache-2.0
 Wan2.1 text-to-video fine-tuned with a **latent reward** by [latent-rewards](https://github.com/latent-rewards/latent-rewards)
 (recipe `{method['name']}`, {adapter}). The reward scores latents directly, so training never decodes a video.
 
-This folder is step **{_fmt(step)}**{f' ({selected})' if selected else ''}. Best step by the reward-hacking rule:
-**{_fmt(best)}**.{f' {stop}.' if stop else ''}
+This folder is step **{_fmt(step)}**{f' ({selected})' if selected else ''}; best step so far by the
+reward-hacking rule: **{_fmt(best)}**.{f' {stop}.' if stop else ''}
 
 ## Recipe
 
@@ -199,7 +201,7 @@ Every validation decodes the same prompts and seeds as the base model (step 0). 
 variance) and `hf` = high-frequency energy share, as ratios to the base model; `change` = mean absolute pixel
 change vs the base model (0..1). A step is flagged when hf grows more than `{cfg['monitor']['max_hf_over_lap']}` x
 max(lap, 1), when change > `{cfg['monitor']['max_change']}`, or when R_dist falls below
-`{cfg['monitor']['min_radius_fraction']}` x the real-data radius (`{cfg['monitor']['real_radius']}`). The best step is
+`{cfg['monitor']['min_radius_fraction']}` x the real-data radius ({radius}). The best step is
 the unflagged one with the highest validation reward. Look at the videos before trusting the numbers.
 
 | step | reward | R_dist | lap (x base) | hf (x base) | change | verdict |

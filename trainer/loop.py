@@ -578,11 +578,14 @@ class Trainer:
 
     def _baseline(self) -> list[np.ndarray] | None:
         """The base model's validation videos (generated at step 0, kept as raw frames for exact change)."""
+        if getattr(self, "_base_videos", None) is not None:
+            return self._base_videos
         base_dir = self._validation_dir("base")
         npz = base_dir / "frames.npz"
         if npz.is_file():
             with np.load(npz, allow_pickle=False) as data:
-                return [data[f"video_{i}"] for i in range(len(data.files))]
+                self._base_videos = [data[f"video_{i}"] for i in range(len(data.files))]
+            return self._base_videos
         if self.step > 0 and self.config.finetune != "lora":
             logger.warning("base validation videos are missing; content change cannot be measured for this run")
             return None
@@ -597,6 +600,7 @@ class Trainer:
             self.monitor.set_baseline(videos)
             rep = self.monitor.update(0, reward=reward, r_dist=r_dist, metrics=self.monitor.measure(videos, None))
             self._log_validation(rep)
+        self._base_videos = videos
         return videos
 
     def _validate(self, step: int) -> ValidationReport:

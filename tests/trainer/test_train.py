@@ -130,7 +130,7 @@ def test_model_card_describes_the_run(trained_run):
     trainer, result = trained_run
     card = (result.output_dir / "best" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card
-    for needle in ("shell_lcc", str(trainer.config.reward.path), "Best step by the reward-hacking rule",
+    for needle in ("shell_lcc", str(trainer.config.reward.path), "best step so far by the\nreward-hacking rule",
                    "load_lora_weights", "LoraLoaderModelOnly", comfyui_file_name(trainer.config.name),
                    "| step | reward | R_dist |", "one_step"):
         assert needle in card, needle
