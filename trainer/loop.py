@@ -226,6 +226,7 @@ class Trainer:
         self.weight_dtype = DTYPES[cfg.resolved_weight_dtype()]
         if self.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_partial_writes()
             atomic_write_text(self.output_dir / "config.yaml", dump_config(cfg))
 
         # Prompts and their text embeddings (the text encoder is loaded only for prompts not cached yet).
@@ -325,6 +326,20 @@ class Trainer:
             if cfg.logging.report_to == "tensorboard" and self.step:
                 init_kwargs["tensorboard"] = {"purge_step": self.step + 1}
             acc.init_trackers(cfg.logging.project, config=_flat(config_to_dict(cfg)), init_kwargs=init_kwargs)
+
+    def _remove_partial_writes(self) -> None:
+        """What a killed run left half-written (``.checkpoint-N.tmp-*`` folders, ``.config.yaml.*`` files):
+        never read, removed."""
+        import shutil
+
+        for root in (self.output_dir, self.output_dir / "validation"):
+            if not root.is_dir():
+                continue
+            for p in root.iterdir():
+                if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_file() and p.name.startswith((".config.yaml.", f".{METRICS_FILE}.")):
+                    p.unlink(missing_ok=True)
 
     def _reference_fn(self, transformer: torch.nn.Module) -> Any:
         """The frozen base model's velocity: the same module with LoRA disabled, or a frozen copy (full)."""

@@ -94,6 +94,7 @@ def test_kill_9_then_resume_reproduces_the_losses(tmp_path, tiny_overrides, unin
     # `latent-rewards train ... --resume` continues from the newest complete checkpoint.
     assert main(["train", "tiny-cpu", *tiny_overrides(out, *COMMON), "--resume", "--no-progress"]) == 0
     assert f"trained to step {STEPS}" in capsys.readouterr().out
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # half-written folders of the kill are gone
     _assert_same_run(out, uninterrupted)
 
 
