@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from latent_rewards.pipelines.guidance_mixin import _CallRecorder, _exact_denoiser, _replay_mode
 from latent_rewards.rewards import ShellLCC
 from latent_rewards.rewards.guidance import GuidanceConfig, evaluate_reward, guide_x0, x0_from_velocity
@@ -171,7 +170,7 @@ class StepBench:
             rec.remove()
 
     def run_exact(self) -> None:
-        rec, denoise = self._exact
+        _, denoise = self._exact
         leaf = self.x.detach().clone().requires_grad_(True)
         with torch.enable_grad(), _replay_mode([self.model]):
             x0 = denoise(leaf)
@@ -179,7 +178,7 @@ class StepBench:
 
 
 def median_times(
-    fns: dict[str, Callable[[], Any]], reps: int, device: torch.device, bench: "StepBench | None" = None
+    fns: dict[str, Callable[[], Any]], reps: int, device: torch.device, bench: StepBench | None = None
 ) -> dict[str, float]:
     """Median wall time of each function, repetitions interleaved; with ``bench``, also the median block time
     inside its unguided steps (``"blocks"``)."""
@@ -236,7 +235,6 @@ def main() -> None:
     print(f"reward on {list(reward_latent)} ({voxels:,} voxels, 4096 anchors, hidden 512): trace scoring "
           f"{reward_t['trace'] * 1e3:.0f} ms, cheap guidance {reward_t['cheap'] * 1e3:.0f} ms "
           f"({reward_flops(voxels) / reward_t['cheap'] / 1e9:.0f} GFLOP/s on ~{reward_flops(voxels) / 1e12:.2f} TFLOP)")
-    del reward
 
     # -- the transformer: full size on a GPU, else 1 and 2 layers at two token counts, scaled
     results: dict[str, Any] = {"device": str(device), "dtype": str(dtype), "reps": reps, "quick": args.quick,

@@ -16,7 +16,6 @@ _EXPORTS = {
     "RewardGuidedWanPipeline": ".wan",
     "RewardGuidedWanImageToVideoPipeline": ".wan_i2v",
     "RewardGuidedWanPipelineOutput": ".wan",
-    "DEFAULT_WAN_MODEL": ".wan",
     "load_wan_pipeline": ".wan",
     "best_of_n": ".best_of_n",
     "BestOfNResult": ".best_of_n",
@@ -24,7 +23,11 @@ _EXPORTS = {
     "write_video": ".video",
 }
 
-__all__ = sorted(_EXPORTS)
+#: The real default model of ``load_wan_pipeline`` and ``latent-rewards generate`` (defined here: importing it
+#: must not import diffusers, e.g. for ``--help``).
+DEFAULT_WAN_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+__all__ = [*_EXPORTS, "DEFAULT_WAN_MODEL"]
 
 
 def __getattr__(name: str) -> Any:

@@ -155,7 +155,7 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reward_output_class(base: type) -> type:
     """A subclass of a diffusers output dataclass (e.g. ``WanPipelineOutput``) with three extra fields:
     ``rewards`` (``[B]`` reward per video, higher is better), ``reward_metrics`` (named per-video metrics of the
@@ -426,7 +426,7 @@ class _GuidanceSession:
         return decode
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["_GuidanceSession"]:
+    def installed(self) -> Iterator[_GuidanceSession]:
         pipe = self.pipe
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(pipe.scheduler, "step", self._step(pipe.scheduler.step)))

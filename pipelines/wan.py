@@ -14,6 +14,7 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..rewards.errors import CheckpointError, ConfigError
+from . import DEFAULT_WAN_MODEL
 from .guidance_mixin import RewardGuidanceMixin, reward_output_class
 
 __all__ = [
@@ -25,8 +26,6 @@ __all__ = [
     "resolve_dtype",
 ]
 
-#: The real default model (`--model` of `latent-rewards generate`).
-DEFAULT_WAN_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 #: ``WanPipelineOutput`` plus ``rewards``, ``reward_metrics`` and ``reward_trace``.
 RewardGuidedWanPipelineOutput = reward_output_class(WanPipelineOutput)

@@ -69,7 +69,7 @@ class GuidanceConfig:
     normalize: str = "rms"
     max_step: float | None = 1.0
 
-    def validate(self) -> "GuidanceConfig":
+    def validate(self) -> GuidanceConfig:
         for name in ("scale", "start", "end"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -93,7 +93,7 @@ class GuidanceConfig:
             raise ConfigError(f"reward guidance: max_step must be > 0 or None, got {self.max_step!r}")
         return self
 
-    def updated(self, **changes: Any) -> "GuidanceConfig":
+    def updated(self, **changes: Any) -> GuidanceConfig:
         """A validated copy with some fields changed (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None}).validate()
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, gen
+from guided_wan_helpers import CALL, gen
 
 from latent_rewards.rewards.errors import ConfigError
 

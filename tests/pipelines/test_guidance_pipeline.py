@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CALL, gen
+from guided_wan_helpers import CALL, gen
 
 from latent_rewards.rewards.errors import ConfigError, LatentSpaceMismatchError
 from latent_rewards.rewards.guidance import GuidanceConfig

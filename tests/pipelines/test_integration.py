@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CALL, gen
+from guided_wan_helpers import CALL, gen
 
 from latent_rewards.rewards.errors import CheckpointError, ConfigError
 

@@ -11,7 +11,7 @@ _TINY_DEFAULTS = (4, 9, 64, 64)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ...pipelines.wan import DEFAULT_WAN_MODEL
+    from ...pipelines import DEFAULT_WAN_MODEL
 
     p = sub.add_parser(
         "generate",
