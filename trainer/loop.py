@@ -235,10 +235,14 @@ class Trainer:
         val_source = read_prompts(vs.prompts) if vs.prompts else self.train_prompts
         self.val_prompts = [val_source[i % len(val_source)] for i in range(vs.num_videos)]
         self.use_cfg = vs.guidance_scale > 1.0
+        # Recipe and rollout (cheap objects; the recipe may ask for more texts to encode).
+        rollout = build_rollout(cfg.rollout.kind, cfg.rollout.settings)
+        self.recipe = build_method(cfg.method.name, cfg.method.settings, rollout)
         self.cache = TextEmbeddingCache(
             cfg.model, cfg.revision, cache_dir=cfg.text_cache_dir, max_sequence_length=cfg.max_sequence_length
         )
-        wanted = [*self.train_prompts, *self.val_prompts, *([vs.negative_prompt] if self.use_cfg else [])]
+        wanted = [*self.train_prompts, *self.val_prompts, *([vs.negative_prompt] if self.use_cfg else []),
+                  *self.recipe.extra_prompts()]
         with acc.main_process_first():
             n = self.cache.ensure(wanted, device=self.device, progress=self.progress and self.main)
         if n:
@@ -283,10 +287,6 @@ class Trainer:
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in transformer.named_parameters() if p.requires_grad]
 
-        # Recipe and rollout.
-        rollout = build_rollout(cfg.rollout.kind, cfg.rollout.settings)
-        self.recipe = build_method(cfg.method.name, cfg.method.settings, rollout)
-
         reference = None
         if self.recipe.needs_reference():
             reference = self._reference_fn(transformer)
@@ -309,6 +309,8 @@ class Trainer:
             denoiser=TransformerDenoiser(self.model, self.transformer, dtype=self.weight_dtype, reference=reference),
             reward=self.reward, random=self.random, sample_shape=shape[1:], device=self.device,
             accelerator=acc, config=cfg,
+            text_embeds=lambda prompts: self.cache.batch(prompts, device=self.device, dtype=self.weight_dtype),
+            decode=self._decode,
         )
         self.recipe.setup(self.ctx)
         self.monitor = RewardHackingMonitor(cfg.monitor)
@@ -577,6 +579,17 @@ class Trainer:
                 self.transformer.train()
             free()
         return torch.cat(latents), videos
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """Normalised latents -> uint8 videos with the VAE (moved to the device for the call only)."""
+        pipe = self._pipeline()
+        self.vae.to(self.device)
+        try:
+            return [frames_to_uint8(decode_latents(pipe, z[None].to(self.device), "np")[0]) for z in latents]
+        finally:
+            self.vae.to("cpu")
+            free()
 
     def _score(self, latents: torch.Tensor) -> tuple[float, float | None]:
         m = self.reward.metrics(latents.to(self.device))

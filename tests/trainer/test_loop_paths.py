@@ -18,11 +18,20 @@ from safetensors.torch import load_file
 
 @register_method
 class NaNOnSecondStep(ShellLCCRecipe):
-    """Shell-LCC whose second optimizer step has a NaN loss; KL and anti-drift on (LoRA-disabled reference)."""
+    """Shell-LCC whose second optimizer step has a NaN loss; KL and anti-drift on (LoRA-disabled reference). It also
+    uses the seams later recipes need: extra texts to encode (SFT captions) and decoding latents to pixels."""
 
     name = "test_nan_on_second_step"
 
+    def extra_prompts(self):
+        return ["an extra caption"]
+
     def training_step(self, ctx, batch):
+        extra = ctx.text_embeds(["an extra caption"])  # encoded with the training prompts
+        assert extra.shape[0] == 1 and extra.abs().sum() > 0
+        if ctx.step == 0:
+            video = ctx.decode(torch.zeros(1, *ctx.sample_shape))[0]  # the generator's VAE, for pixel judges
+            assert str(video.dtype) == "uint8" and video.shape[-1] == 3
         result = super().training_step(ctx, batch)
         if ctx.step == 1:  # ctx.step counts finished steps: this is step 2
             result.loss = result.loss * float("nan")

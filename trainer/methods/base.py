@@ -10,15 +10,17 @@ optimizer step, ``recipe.on_step_end(ctx, step, logs)``. Everything else is the 
   same code path. The reward is frozen and evaluated in fp32 with autocast off.
 * **regularisers** shared by the recipes: KL to the frozen base (:meth:`kl_to_reference`) and the anti-drift hinge
   (:meth:`anti_drift`), both against ``ctx.denoiser.reference`` (LoRA disabled).
-* **extra losses / state**: override :meth:`training_step` to add terms (e.g. PRFL's interleaved SFT step),
-  :meth:`on_step_end` for online reward updates or a replay buffer (VELR), and :meth:`state_dict` /
-  :meth:`load_state_dict` for anything that must survive a resume.
+* **extra losses / state**: override :meth:`training_step` to add terms (e.g. PRFL's interleaved SFT step; its
+  captions come through :meth:`extra_prompts` and ``ctx.text_embeds``), :meth:`on_step_end` for online reward
+  updates or a replay buffer (VELR; ``ctx.decode`` turns latents into pixels for a pixel-space judge), and
+  :meth:`state_dict` / :meth:`load_state_dict` for anything that must survive a resume.
 """
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,6 +59,11 @@ class RecipeContext:
     accelerator: Any = None
     config: Any = None
     step: int = 0
+    #: ``text_embeds(prompts) -> [B, L, D]`` from the cache: the training prompts plus :meth:`Recipe.extra_prompts`.
+    text_embeds: Callable[[list[str]], torch.Tensor] | None = None
+    #: ``decode(latents [B, C, T, H, W]) -> list of uint8 [F, H, W, 3] videos`` with the generator's VAE (no
+    #: gradient; the VAE visits the device only for the call), e.g. to score replay-buffer samples in pixels.
+    decode: Callable[[torch.Tensor], list[Any]] | None = None
 
 
 @dataclass
@@ -98,6 +105,11 @@ class Recipe(ABC):
             raise ConfigError(f"rollout.kind: the {cls.name} recipe supports {list(cls.rollouts)}, got {kind!r}")
 
     # ------------------------------------------------------------------ lifecycle hooks
+    def extra_prompts(self) -> list[str]:
+        """Texts besides the training prompts whose embeddings the recipe needs (e.g. captions of SFT data);
+        encoded with the training prompts before the text encoder is freed, then read with ``ctx.text_embeds``."""
+        return []
+
     def needs_reference(self) -> bool:
         """Whether the loop must provide the frozen base model's velocity (a copy of it for a full fine-tune)."""
         return False
