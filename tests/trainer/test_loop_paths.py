@@ -68,7 +68,7 @@ def test_full_finetune_exports_a_transformer_and_resumes_exactly(tmp_path, tiny_
     from latent_rewards.pipelines.tiny import tiny_wan_transformer
 
     common = ("finetune=full", "optimizer.lr=1e-4", "method.kl_weight=0.1", "checkpoint_every=1", "validation.every=0",
-              "batch_size=1")
+              "batch_size=1", "gradient_checkpointing=true")
     full = tmp_path / "full"
     Trainer(load_config("tiny-cpu", tiny_overrides(full, *common, "max_steps=2")), progress=False).train()
     split = tmp_path / "split"
