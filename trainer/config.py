@@ -357,8 +357,6 @@ class TrainConfig:
             raise ConfigError(f"validation.prompts: {self.validation.prompts!r} is not a file")
         if self.resume not in ("auto", "latest", "never") and not Path(self.resume).expanduser().is_dir():
             raise ConfigError(f"resume: expected 'auto', 'latest', 'never' or a checkpoint folder, got {self.resume!r}")
-        if self.mixed_precision == "fp16" and self.weight_dtype in (None, "bf16"):
-            pass  # allowed: fp16 autocast over fp32/bf16 weights
         for name in ("reward", "lora", "video", "optimizer", "validation", "monitor", "logging", "hub"):
             getattr(self, name).validate(name)
         _check_reward_reference(self.reward)
