@@ -1,13 +1,17 @@
 """diffusers integration: reward guidance mixin, guided Wan pipelines, scoring and best-of-N.
 
-Names are imported lazily, so importing :mod:`latent_rewards.pipelines` (or its ``tiny`` module) does not import
-diffusers until a pipeline class is used.
+Pipeline names are imported lazily, so importing :mod:`latent_rewards.pipelines` (or its ``tiny`` module) does not
+import diffusers until a pipeline class is used.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+# Imported eagerly (torch and the core only): the function `best_of_n` must win over its module of the same name,
+# whichever of `from latent_rewards.pipelines import best_of_n` and `import ...pipelines.best_of_n` runs first.
+from .best_of_n import BestOfNResult, best_of_n, decode_latents  # noqa: E402
 
 _EXPORTS = {
     "RewardGuidanceMixin": ".guidance_mixin",
@@ -17,9 +21,6 @@ _EXPORTS = {
     "RewardGuidedWanImageToVideoPipeline": ".wan_i2v",
     "RewardGuidedWanPipelineOutput": ".wan",
     "load_wan_pipeline": ".wan",
-    "best_of_n": ".best_of_n",
-    "BestOfNResult": ".best_of_n",
-    "decode_latents": ".best_of_n",
     "write_video": ".video",
 }
 
@@ -27,7 +28,7 @@ _EXPORTS = {
 #: must not import diffusers, e.g. for ``--help``).
 DEFAULT_WAN_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
-__all__ = [*_EXPORTS, "DEFAULT_WAN_MODEL"]
+__all__ = [*_EXPORTS, "DEFAULT_WAN_MODEL", "BestOfNResult", "best_of_n", "decode_latents"]
 
 
 def __getattr__(name: str) -> Any:
@@ -35,7 +36,6 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)
-    # Cache it; this also replaces the submodule attribute that importing `.best_of_n` sets on this package.
     globals()[name] = value
     return value
 
