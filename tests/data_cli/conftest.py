@@ -57,15 +57,6 @@ def write_textured_video(path: Path, *, frames: int = 12, fps: int = 12, width: 
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest, and two lose badly when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def video_factory():
     return write_video

@@ -13,15 +13,6 @@ import torch
 PROMPTS = ["a cat on a sofa", "a red car at night", "waves on a beach", "a man reading a book"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (more only adds synchronisation, a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def reward_dir(tmp_path_factory) -> Path:
     """A small random Shell-LCC (64 anchors, hidden 32) with non-trivial BatchNorm statistics, saved."""
