@@ -268,12 +268,32 @@ def upload_folder(
     if not looks_like_repo_id(repo_id):
         raise CheckpointError(f"{repo_id!r} is not a Hub repository id of the form 'user/name'")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-        revision=revision, create_pr=create_pr,
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+            revision=revision, create_pr=create_pr,
+        )
+    except Exception as e:  # network, offline mode, auth, permissions: one clear line, never the token
+        raise CheckpointError(f"could not upload to the Hub repository {repo_id}: {_hub_error_line(e, token)}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def _hub_error_line(error: Exception, token: str | bool | None) -> str:
+    """First line of a Hub error with any token scrubbed, plus a hint for the usual causes."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    for secret in {token if isinstance(token, str) else None, os.environ.get("HF_TOKEN")} - {None, ""}:
+        line = line.replace(secret, "***")
+    name = type(error).__name__
+    if "Offline" in name or "offline" in line.lower():
+        hint = "HF_HUB_OFFLINE is set; unset it to upload"
+    elif "401" in line or "403" in line or "token" in line.lower():
+        hint = "log in with `huggingface-cli login` or set HF_TOKEN to a token with write access"
+    elif "Connect" in name or "Timeout" in name:
+        hint = "the Hub cannot be reached from this machine"
+    else:
+        hint = ""
+    return f"{name}: {line}" + (f" ({hint})" if hint else "")
 
 
 def push_reward(reward: "LatentReward", repo_id: str, **kwargs: Any) -> str:

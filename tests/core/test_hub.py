@@ -170,3 +170,17 @@ def test_atomic_write_text(tmp_path):
     hub.atomic_write_text(p, "one")
     hub.atomic_write_text(p, "two")
     assert p.read_text() == "two" and sorted(x.name for x in p.parent.iterdir()) == ["log.json"]
+
+
+def test_push_failure_is_one_clear_line_without_the_token(small_shell_lcc, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def offline(self, repo_id, **kwargs):
+        raise ConnectionError(f"cannot reach https://huggingface.co with Authorization: Bearer hf_supersecret for {repo_id}")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    with pytest.raises(CheckpointError) as info:
+        small_shell_lcc().push_to_hub("someone/x", token="hf_supersecret")
+    message = str(info.value)
+    assert "could not upload to the Hub repository someone/x" in message and "ConnectionError" in message
+    assert "hf_supersecret" not in message and "\n" not in message
