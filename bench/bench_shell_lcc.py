@@ -100,6 +100,16 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def matmul_seconds(n: int, k: int, m: int, device: torch.device, repeats: int) -> float:
+    """Best time of a plain fp32 ``[n, k] @ [k, m]`` product into a preallocated output: the compute ceiling,
+    without the cost of faulting in gigabytes of fresh pages for the result."""
+    a = torch.randn(n, k, device=device)
+    b = torch.randn(k, m, device=device)
+    c = torch.empty(n, m, device=device)
+    secs, _ = timed(lambda: torch.mm(a, b, out=c), device, repeats)
+    return secs
+
+
 def reward_flops(n: int, d: int, h: int, m: int) -> float:
     """Forward FLOPs of one scoring pass (matmuls + softmax), per the architecture."""
     matmuls = 2 * n * (d * h + h * h + h * m + m * d + d * h + h * d)
@@ -174,13 +184,8 @@ def main() -> int:
         print(f"  {name:18s} {secs:8.3f} s   peak extra {mem.peak / 2**20:9.1f} MiB", flush=True)
 
     # the ceiling: a plain fp32 matrix product of the dominant layer's shape
-    a = torch.randn(n, hidden, device=device)
-    b = torch.randn(hidden, anchors, device=device)
-    c = torch.empty(n, anchors, device=device)
-    # preallocated output: the compute ceiling, not the cost of faulting in 2 GiB of fresh pages
-    mm_secs, _ = timed(lambda: torch.mm(a, b, out=c), device, max(2, repeats))
+    mm_secs = matmul_seconds(n, hidden, anchors, device, max(2, repeats))
     mm_gflops = 2 * n * hidden * anchors / mm_secs / 1e9
-    del a, b, c
 
     fwd = reward_flops(n, 16, hidden, anchors)
     val_diff = abs(outputs["ours_fwd"].item() - outputs["official_fwd"].item()) / abs(outputs["official_fwd"].item())

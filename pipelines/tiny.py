@@ -9,9 +9,13 @@ transformer inner dim 128 (1 head of 128), FFN 256, 2 layers. ComfyUI can load t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 __all__ = [
     "TINY_MODEL_ID",
@@ -60,7 +64,7 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_wan_transformer(seed: int = 0, **overrides: Any):
+def tiny_wan_transformer(seed: int = 0, **overrides: Any) -> "WanTransformer3DModel":
     """The tiny ``WanTransformer3DModel`` (fp32, eval mode), identical for the same seed."""
     from diffusers import WanTransformer3DModel
 
@@ -73,7 +77,7 @@ def tiny_wan_transformer(seed: int = 0, **overrides: Any):
     return model.eval()
 
 
-def tiny_wan_vae(seed: int = 0):
+def tiny_wan_vae(seed: int = 0) -> "AutoencoderKLWan":
     """A tiny ``AutoencoderKLWan`` with Wan2.1's strides (4, 8, 8), 16 latent channels and normalisation."""
     from diffusers import AutoencoderKLWan
 
@@ -81,7 +85,7 @@ def tiny_wan_vae(seed: int = 0):
     return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
 
 
-def tiny_text_encoder(seed: int = 0):
+def tiny_text_encoder(seed: int = 0) -> "UMT5EncoderModel":
     """A one-layer ``UMT5EncoderModel`` with output width 4096 (the Wan transformer's text_dim)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -94,7 +98,7 @@ def tiny_text_encoder(seed: int = 0):
     return UMT5EncoderModel(cfg).eval()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> "PreTrainedTokenizerFast":
     """A byte-level tokenizer (259 ids: pad, eos, unk and 256 bytes) built without any download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -112,7 +116,7 @@ def tiny_tokenizer():
     )
 
 
-def tiny_scheduler(kind: str = "unipc"):
+def tiny_scheduler(kind: str = "unipc") -> Any:
     """Wan's default scheduler (UniPC, flow prediction, shift 3) or the flow-matching Euler scheduler."""
     if kind == "unipc":
         from diffusers import UniPCMultistepScheduler
@@ -125,7 +129,7 @@ def tiny_scheduler(kind: str = "unipc"):
     raise ValueError(f"unknown scheduler kind {kind!r}; expected 'unipc' or 'euler'")
 
 
-def build_tiny_wan_pipeline(pipeline_cls: type | None = None, *, seed: int = 0, scheduler: str = "unipc"):
+def build_tiny_wan_pipeline(pipeline_cls: type | None = None, *, seed: int = 0, scheduler: str = "unipc") -> Any:
     """A complete tiny Wan text-to-video pipeline of ``pipeline_cls`` (default ``WanPipeline``)."""
     if pipeline_cls is None:
         from diffusers import WanPipeline as pipeline_cls  # noqa: N813

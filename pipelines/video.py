@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +55,5 @@ def write_video(frames: Any, path: str | Path, fps: int = 16, *, crf: int = 18) 
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600; a video is an ordinary file
 
     return atomic_write_file(path, encode)

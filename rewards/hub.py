@@ -56,6 +56,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, _ordinary_mode(directory=True))
         yield tmp
         old = None
         if target.exists():
@@ -69,19 +70,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+def _ordinary_mode(*, directory: bool) -> int:
+    """The mode a plain ``mkdir``/``open`` would give under the current umask. ``mkdtemp``/``mkstemp`` create
+    owner-only entries; a saved reward or video must stay readable by e.g. a ComfyUI server under another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_file(path: str | Path, write: Callable[[str], Any]) -> Path:
@@ -94,6 +93,7 @@ def atomic_write_file(path: str | Path, write: Callable[[str], Any]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _ordinary_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -104,6 +104,7 @@ def atomic_write_file(path: str | Path, write: Callable[[str], Any]) -> Path:
 
 # ---------------------------------------------------------------------------------------------- resolving
 def looks_like_repo_id(value: str) -> bool:
+    """Whether ``value`` has the form of a Hub repository id (``user/name``)."""
     return bool(_REPO_ID.match(value)) and ".." not in value
 
 
@@ -165,6 +166,7 @@ def resolve_pretrained(
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a reward folder, validated to be a latent-rewards config (has ``kind``)."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
@@ -187,6 +189,7 @@ def load_reward_folder(
     expected_class: type["LatentReward"] | None = None,
     map_location: str | torch.device = "cpu",
 ) -> "LatentReward":
+    """Build the reward class named by the folder's ``config.json`` and load its weights strictly, frozen."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -213,6 +216,7 @@ def load_reward_folder(
 
 
 def save_reward(reward: "LatentReward", save_directory: str | Path, *, model_card: str | None = None) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and ``README.md`` into ``save_directory`` atomically."""
     from safetensors.torch import save_file
 
     save_directory = Path(save_directory)
@@ -297,6 +301,7 @@ def _hub_error_line(error: Exception, token: str | bool | None) -> str:
 
 
 def push_reward(reward: "LatentReward", repo_id: str, **kwargs: Any) -> str:
+    """Save ``reward`` to a temporary folder and upload it (see :func:`upload_folder` for the arguments)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_reward(reward, Path(tmp) / "reward")
         return upload_folder(folder, repo_id, **kwargs)

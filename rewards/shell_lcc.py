@@ -352,6 +352,7 @@ class ShellLCC(LatentReward):
         return self._unflatten_map(self._voxel_scalar(self._flatten(z), "lcc"), z).flatten(1).mean(dim=1)
 
     def reward_from_distance(self, r_dist: torch.Tensor) -> torch.Tensor:
+        """The configured reward for given ``R_dist`` values: ``-R_dist`` or ``-|R_dist - tau|``."""
         if self.config.reward_mode == "band":
             return -(r_dist - float(self.config.tau)).abs()
         return -r_dist

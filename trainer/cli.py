@@ -30,6 +30,7 @@ COMMANDS: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``latent-rewards`` parser with one sub-parser per module in :data:`COMMANDS`."""
     from .. import __version__
 
     parser = argparse.ArgumentParser(
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 for bad input, 130 when interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))

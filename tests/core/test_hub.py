@@ -184,3 +184,19 @@ def test_push_failure_is_one_clear_line_without_the_token(small_shell_lcc, monke
     message = str(info.value)
     assert "could not upload to the Hub repository someone/x" in message and "ConnectionError" in message
     assert "hf_supersecret" not in message and "\n" not in message
+
+
+def test_atomic_writes_give_ordinary_permissions(tmp_path, small_shell_lcc):
+    """mkdtemp/mkstemp are owner-only; what we save must be readable like any file (e.g. by a ComfyUI server)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = small_shell_lcc().save_pretrained(tmp_path / "reward")
+        hub.atomic_write_text(tmp_path / "note.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "note.txt").stat().st_mode) == 0o644
