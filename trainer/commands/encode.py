@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="480p or 720p (closest-aspect bucket of 16:9, 9:16, 1:1) or WxH (default 480p)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="encode only shard I of N (0-based); default: the accelerate process index, else all")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA if available, else CPU), cpu, cuda, cuda:N; under a multi-process "
+                        "launcher auto means cuda:LOCAL_RANK")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="VAE precision (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--tiling", action="store_true", help="spatially tiled VAE encoding (less memory for 720p)")
@@ -41,10 +43,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def resolve_device_dtype(device: str | None, dtype: str):
-    """``--device`` / ``--dtype`` -> torch device and dtype (bf16 on GPU, fp32 on CPU by default)."""
+    """``--device`` / ``--dtype`` -> torch device and dtype (bf16 on GPU, fp32 on CPU by default).
+
+    Raises:
+        ConfigError: a malformed or unavailable device (see :func:`..devices.resolve_device`).
+    """
     import torch
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..devices import resolve_device
+
+    dev = resolve_device(device)
     if dtype == "auto":
         return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -67,12 +75,18 @@ def launcher_shard() -> tuple[tuple[int, int] | None, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import VideoEncoder, encode_videos, expand_inputs, parse_shard, parse_size
+    from ..data import (
+        VideoEncoder,
+        encode_videos,
+        expand_inputs,
+        parse_shard,
+        parse_size,
+    )
 
     shard = parse_shard(args.shard)
     parse_size(args.size)
     videos = expand_inputs(args.videos, kinds=("video",))
-    device = args.device
+    device = None if args.device in (None, "auto") else args.device
     if shard is None:
         shard, local_rank = launcher_shard()
         if shard is not None and device is None:

@@ -55,12 +55,14 @@ def evaluate_sets(real_rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]
 
 def run(args: argparse.Namespace) -> int:
     from ...rewards.hub import atomic_write_text, load_reward
+    from ..devices import resolve_device
     from ..report import plot_histograms, save_panels
     from .score import format_rows, score_files
 
+    device = resolve_device(args.device)  # a bad --device fails before anything is loaded
     reward = load_reward(args.reward)
-    opts = dict(vae=args.vae, fps=args.fps, frames=args.frames, size=args.size,
-                layout=None if args.layout == "auto" else args.layout, device=args.device)
+    opts = {"vae": args.vae, "fps": args.fps, "frames": args.frames, "size": args.size,
+            "layout": None if args.layout == "auto" else args.layout, "device": device}
     real = score_files(reward, args.real, **opts)
     generated = score_files(reward, args.generated, **opts)
     result = evaluate_sets(real, generated)
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     keys = [k for k in ("r_dist", "lcc_distance") if k in result["metrics"]] or list(result["metrics"])
     save_panels(out / "r_dist_hist.png", [panel(k) for k in keys], cols=2)
 
-    print(f"{'metric':<14} {'real (n=%d)' % result['n_real']:>20} {'generated (n=%d)' % result['n_generated']:>20} "
+    real_head, gen_head = f"real (n={result['n_real']})", f"generated (n={result['n_generated']})"
+    print(f"{'metric':<14} {real_head:>20} {gen_head:>20} "
           f"{'distinguishability':>19}")
     for key, m in result["metrics"].items():
         print(f"{key:<14} {m['real']['mean']:>11.4f} ± {m['real']['std']:<6.4f} "

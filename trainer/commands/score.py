@@ -9,9 +9,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import DEFAULT_VAE
+
+if TYPE_CHECKING:
+    import torch
 
 #: Metrics shown first, in this order; others follow alphabetically.
 _FIRST = ("r_dist", "lcc_distance", "reward")
@@ -26,7 +29,7 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="480p", help="video inputs: 480p, 720p or WxH (default 480p)")
     p.add_argument("--layout", choices=["auto", "CTHW", "TCHW"], default="auto",
                    help="latent inputs: layout (default auto: the dim with 16 channels; CTHW when both are 16)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if available, else CPU), cpu, cuda, cuda:N")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,7 +59,7 @@ def score_files(
     frames: int = 81,
     size: str = "480p",
     layout: str | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Score every input (files, or folders expanded to their latents and videos) -> one dict per item with
@@ -117,9 +120,11 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ...rewards.hub import load_reward
+    from ..devices import resolve_device
 
+    device = resolve_device(args.device)  # a bad --device fails before anything is loaded
     reward = load_reward(args.reward)
     rows = score_files(reward, args.inputs, vae=args.vae, fps=args.fps, frames=args.frames, size=args.size,
-                       layout=None if args.layout == "auto" else args.layout, device=args.device)
+                       layout=None if args.layout == "auto" else args.layout, device=device)
     print(format_rows(rows, args.format))
     return 0
