@@ -40,6 +40,7 @@ def register_folders() -> None:
 
 
 def reward_dirs() -> list[Path]:
+    """Every ``latent_rewards`` model folder ComfyUI knows (``models/latent_rewards`` first, then extra paths)."""
     register_folders()
     return [Path(p) for p in folder_paths.get_folder_paths(FOLDER)]
 
@@ -83,6 +84,7 @@ def list_lora_files() -> list[str]:
 
 
 def resolve_lora_file(name: str) -> Path:
+    """The full path of a LoRA listed under ``models/loras``; :class:`CheckpointError` if missing or not safetensors."""
     path = folder_paths.get_full_path("loras", name) if name and name != NONE_FOUND else None
     if path is None or not os.path.isfile(path):
         raise CheckpointError(f"LoRA {name!r} not found in models/loras; pick a listed file or give a Hub repo id")

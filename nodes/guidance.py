@@ -7,13 +7,24 @@ graphs that want guidance without patching the model. Both use :class:`~.hook.Re
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..rewards.base import LatentReward
-from ..rewards.guidance import GUIDANCE_MODES, NORMALIZE_MODES, GuidanceConfig
+from ..rewards.guidance import (
+    DEFAULT_GUIDANCE_END,
+    DEFAULT_GUIDANCE_START,
+    GUIDANCE_MODES,
+    NORMALIZE_MODES,
+    GuidanceConfig,
+)
 from .hook import WRAPPER_KEY, RewardCFGGuider, RewardGuidance
 from .types import CATEGORY, LatentRewardType, check_model_matches_reward, node_id_of
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 __all__ = ["LatentRewardsGuidance", "LatentRewardsGuider", "guidance_inputs", "guidance_config"]
 
@@ -34,12 +45,14 @@ def guidance_inputs() -> list[io.Input]:
             "units per voxel; 0 disables guidance (the reward is still traced).",
         ),
         io.Float.Input(
-            "start", default=0.0, min=0.0, max=1.0, step=0.01,
-            tooltip="Start of the guidance window as a fraction of denoising progress (1 - sigma): 0 = first step.",
+            "start", default=DEFAULT_GUIDANCE_START, min=0.0, max=1.0, step=0.01,
+            tooltip="Start of the guidance window as a fraction of the schedule, like ComfyUI's start_percent "
+            "(the model's sampling shift is taken into account): 0 = the first step.",
         ),
         io.Float.Input(
-            "end", default=0.6, min=0.0, max=1.0, step=0.01,
-            tooltip="End of the guidance window as a fraction of denoising progress (1 - sigma): 1 = last step.",
+            "end", default=DEFAULT_GUIDANCE_END, min=0.0, max=1.0, step=0.01,
+            tooltip="End of the guidance window as a fraction of the schedule, like ComfyUI's end_percent: 0.8 "
+            "guides about the first 80% of the steps and leaves the last, low-noise ones alone; 1 = every step.",
         ),
         io.Combo.Input(
             "normalize", options=list(NORMALIZE_MODES), default="rms",
@@ -55,6 +68,7 @@ def guidance_inputs() -> list[io.Input]:
 
 
 def guidance_config(scale: float, start: float, end: float, normalize: str, mode: str, max_step: float) -> GuidanceConfig:
+    """The validated core :class:`GuidanceConfig` of the node inputs (``max_step`` 0 means no cap)."""
     return GuidanceConfig(
         scale=float(scale), start=float(start), end=float(end), normalize=normalize, mode=mode,
         max_step=float(max_step) if max_step and max_step > 0 else None,
@@ -72,7 +86,8 @@ class LatentRewardsGuidance(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Reward guidance as a model patch: after CFG, the predicted clean latent is moved up the reward's "
-                "gradient during the chosen part of the schedule. Works with KSampler, KSamplerAdvanced and "
+                "gradient during the chosen part of the schedule (start/end percent, as in ComfyUI's other nodes). "
+                "Works with KSampler, KSamplerAdvanced and "
                 "SamplerCustomAdvanced. The reward must read this model's latents (e.g. a wan2.1 reward with "
                 "Wan2.1 models)."
             ),
@@ -83,9 +98,10 @@ class LatentRewardsGuidance(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, reward: LatentReward, scale: float, start: float, end: float, normalize: str, mode: str,
-        max_step: float,
+        cls, model: ModelPatcher, reward: LatentReward, scale: float, start: float, end: float, normalize: str,
+        mode: str, max_step: float,
     ) -> io.NodeOutput:
+        """Clone ``model`` and add the post-CFG guidance hook and the per-run trace wrapper."""
         check_model_matches_reward(model, reward, what="Latent Reward Guidance")
         guidance = RewardGuidance(
             reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)
@@ -127,9 +143,10 @@ class LatentRewardsGuider(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, positive, negative, cfg: float, reward: LatentReward, scale: float, start: float, end: float,
-        normalize: str, mode: str, max_step: float,
+        cls, model: ModelPatcher, positive: list, negative: list, cfg: float, reward: LatentReward, scale: float,
+        start: float, end: float, normalize: str, mode: str, max_step: float,
     ) -> io.NodeOutput:
+        """A :class:`RewardCFGGuider` over a clone of ``model`` with the given conditioning and CFG scale."""
         check_model_matches_reward(model, reward, what="Latent Reward Guider")
         guidance = RewardGuidance(
             reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)

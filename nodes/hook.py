@@ -5,6 +5,11 @@ translates ComfyUI's hook arguments: inside the sampler, ``x`` (noisy latent), `
 ``denoised`` (``x0_hat``) are already in the normalised latent space rewards read, and ComfyUI wants the moved
 ``x0_hat`` back. Everything runs under ``torch.inference_mode()``; :func:`guide_x0` leaves it for the gradient.
 
+The window (``start``/``end``, fractions of the schedule) is placed exactly like ComfyUI's own ``start_percent`` /
+``end_percent`` inputs (ControlNet, conditioning timestep ranges): the sampling model's
+``model_sampling.percent_to_sigma`` turns them into noise levels, so any model sampling (Wan's shift 8, a
+``ModelSamplingSD3`` patch, ...) works and the diffusers mixin agrees for the same shift.
+
 Exact mode differentiates through the denoiser (CFG included). The diffusion model's weights were created in
 inference mode, and inference tensors cannot be saved for backward, so :func:`exact_weights` swaps in
 normal-tensor copies of them for the exact pass. The copies are made once per model weights (keyed by the model
@@ -29,7 +34,10 @@ from ..rewards.guidance import GuidanceConfig, RewardTrace, evaluate_reward, gui
 from .progress import TRACE_EVENT, executing_node_id, send_event
 from .types import reward_on
 
-__all__ = ["RewardGuidance", "RewardCFGGuider", "exact_weights", "clear_exact_cache", "WRAPPER_KEY"]
+__all__ = [
+    "RewardGuidance", "RewardCFGGuider", "exact_weights", "clear_exact_cache", "sigma_window", "percent_of_sigma",
+    "WRAPPER_KEY",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,25 @@ def clear_exact_cache() -> None:
     """Drop the normal-tensor weight copies kept for exact mode."""
     with _EXACT_LOCK:
         _EXACT.update(key=None, model=None, tensors={})
+
+
+def sigma_window(model_sampling: Any, config: GuidanceConfig) -> tuple[float, float]:
+    """``(sigma_start, sigma_end)``: the window's noise levels, from ``model_sampling.percent_to_sigma`` as ComfyUI
+    core nodes compute theirs (guidance acts when ``sigma_end <= sigma <= sigma_start``)."""
+    return float(model_sampling.percent_to_sigma(config.start)), float(model_sampling.percent_to_sigma(config.end))
+
+
+def percent_of_sigma(model_sampling: Any, sigma: float) -> float:
+    """The schedule fraction of a noise level: the inverse of ``percent_to_sigma`` (monotone decreasing), found by
+    bisection so it holds for any model sampling; recorded in the trace as ``progress``."""
+    lo, hi = 0.0, 1.0
+    for _ in range(40):  # 2**-40: far below any window resolution
+        mid = 0.5 * (lo + hi)
+        if float(model_sampling.percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def _text_embeds(conds: list | None, batch: int) -> torch.Tensor | None:
@@ -142,22 +169,29 @@ class RewardGuidance:
         x_t: torch.Tensor,
         sigma: torch.Tensor,
         *,
+        model_sampling: Any,
         denoise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         conds: list | None = None,
     ) -> torch.Tensor:
-        """Move the post-CFG prediction ``x0`` up the reward when ``sigma`` is in the window; record the trace."""
+        """Move the post-CFG prediction ``x0`` up the reward when ``sigma`` is in the window; record the trace.
+
+        ``model_sampling`` is the sampling model's (``BaseModel.model_sampling``, object patches included): it
+        places the window on this model's schedule.
+        """
         s = float(sigma.flatten()[0])
         reward = reward_on(self.reward, x0.device)
         text = _text_embeds(conds, x0.shape[0]) if reward.needs_text else None
-        if self.config.active_at(s):
+        progress = percent_of_sigma(model_sampling, s)
+        if self.config.active_between(s, *sigma_window(model_sampling, self.config)):
             out = guide_x0(
                 reward, x0, sigma, self.config, x_t=x_t, velocity=velocity_from_x0(x_t, x0, sigma),
                 text_embeds=text, denoise_fn=denoise_fn,
             )
-            self.trace.add(s, out.reward, out.step_rms, True)
+            self.trace.add(s, out.reward, out.step_rms, True, progress=progress)
             result = out.x0
         else:
-            self.trace.add(s, evaluate_reward(reward, x0, sigma, x_t=x_t, text_embeds=text), None, False)
+            reward_now = evaluate_reward(reward, x0, sigma, x_t=x_t, text_embeds=text)
+            self.trace.add(s, reward_now, None, False, progress=progress)
             result = x0
         self._send(done=False)
         return result
@@ -166,7 +200,10 @@ class RewardGuidance:
     def post_cfg(self, args: dict[str, Any]) -> torch.Tensor:
         """``sampler_post_cfg_function``: works with every sampler and guider that uses ComfyUI's CFG."""
         denoise_fn = self._post_cfg_denoiser(args) if self.config.mode == "exact" else None
-        return self.step(args["denoised"], args["input"], args["sigma"], denoise_fn=denoise_fn, conds=args.get("cond"))
+        return self.step(
+            args["denoised"], args["input"], args["sigma"], model_sampling=args["model"].model_sampling,
+            denoise_fn=denoise_fn, conds=args.get("cond"),
+        )
 
     def _post_cfg_denoiser(self, args: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         model = args["model"]
@@ -193,7 +230,10 @@ class RewardCFGGuider(comfy.samplers.CFGGuider):
         super().__init__(model_patcher)
         self.guidance = guidance
 
-    def predict_noise(self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed=None):  # noqa: B006
+    def predict_noise(
+        self, x: torch.Tensor, timestep: torch.Tensor, model_options: dict = {}, seed: int | None = None  # noqa: B006
+    ) -> torch.Tensor:
+        """CFG's denoised prediction (ComfyUI's name notwithstanding), moved up the reward inside the window."""
         x0 = super().predict_noise(x, timestep, model_options, seed)
         denoise_fn = None
         if self.guidance.config.mode == "exact":
@@ -202,4 +242,7 @@ class RewardCFGGuider(comfy.samplers.CFGGuider):
                 with exact_weights(self.inner_model):
                     return comfy.samplers.CFGGuider.predict_noise(self, x_t, timestep.clone(), model_options, seed)
 
-        return self.guidance.step(x0, x, timestep, denoise_fn=denoise_fn, conds=self.conds.get("positive"))
+        return self.guidance.step(
+            x0, x, timestep, model_sampling=self.inner_model.model_sampling, denoise_fn=denoise_fn,
+            conds=self.conds.get("positive"),
+        )

@@ -50,6 +50,7 @@ def load_cached_reward(folder: Path) -> LatentReward:
 
 
 def clear_reward_cache() -> None:
+    """Forget every reward the loader keeps in memory (the next load reads the folder again)."""
     with _LOCK:
         _CACHE.clear()
 

@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import comfy.lora
 import comfy.lora_convert
@@ -27,6 +27,9 @@ from ..rewards.hub import looks_like_repo_id, resolve_pretrained
 from ..rewards.wan_keys import COMFYUI_PREFIX, peft_lora_to_comfyui, wan_to_diffusers
 from .folders import NONE_FOUND, hub_cache_dir, list_lora_files, resolve_lora_file
 from .types import CATEGORY
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 __all__ = ["LatentRewardsLoraLoader", "lora_to_comfyui", "lora_patches", "apply_lora"]
 
@@ -163,7 +166,8 @@ def lora_patches(model: Any, comfy_state: dict[str, torch.Tensor], *, source: st
     return patches
 
 
-def apply_lora(model: Any, patches: dict[str, Any], strength: float, *, source: str) -> Any:
+def apply_lora(model: ModelPatcher, patches: dict[str, Any], strength: float, *, source: str) -> ModelPatcher:
+    """A clone of ``model`` with the LoRA ``patches`` at ``strength``; :class:`CheckpointError` if any key is left out."""
     patched = model.clone()
     applied = set(patched.add_patches(patches, float(strength)))
     missing = sorted(set(patches) - applied)

@@ -23,6 +23,7 @@ TRACE_EVENT = "latent_rewards.trace"
 
 
 def progress_bar(total: int, node_id: str | None = None) -> comfy.utils.ProgressBar:
+    """A ComfyUI progress bar of ``total`` steps (at least 1) for the node ``node_id`` (default: the executing one)."""
     return comfy.utils.ProgressBar(max(1, int(total)), node_id=node_id)
 
 

@@ -25,6 +25,8 @@ def guided_vs_unguided(
     seeds: tuple[int, ...] = (0, 1, 2, 3),
     scale: float = 0.1,
     steps: int = 8,
+    start: float | None = None,
+    end: float | None = None,
     pipe: Any = None,
 ) -> dict[str, Any]:
     """Generate ``seeds`` with and without reward guidance and compare final ``R_dist``.
@@ -35,12 +37,14 @@ def guided_vs_unguided(
         seeds: sampling seeds (offset by ``ctx.seed``); each is run once unguided and once guided.
         scale: guidance step (latent-std units per guided step).
         steps: denoising steps.
+        start, end: the guidance window as fractions of the unshifted schedule (default: the library's 0 and 0.8).
         pipe: a tiny ``RewardGuidedWanPipeline`` to reuse (default: build one).
 
     Returns:
         ``{"results": ..., "lines": [...], "panels": [...]}`` (the fields of the demo's ``SectionOutput``).
     """
     from ..rewards.errors import ConfigError
+    from ..rewards.guidance import DEFAULT_GUIDANCE_END, DEFAULT_GUIDANCE_START
     from ..rewards.hub import load_reward
     from .wan import load_wan_pipeline
 
@@ -48,10 +52,12 @@ def guided_vs_unguided(
     if source is None:
         raise ConfigError("the guidance demo needs a fitted reward: run it after the 'manifold' section")
     reward = load_reward(source if not isinstance(source, Path) else str(source))
+    start = DEFAULT_GUIDANCE_START if start is None else start
+    end = DEFAULT_GUIDANCE_END if end is None else end
     log = getattr(ctx, "log", print)
     base_seed = int(getattr(ctx, "seed", 0)) * 1000
     log(f"tiny random Wan pipeline (CPU), {len(seeds)} seeds x {steps} steps, unguided vs reward guidance "
-        f"(scale {scale}, cheap mode)")
+        f"(scale {scale}, cheap mode, window {start:g}..{end:g} of the schedule)")
     if pipe is None:
         pipe = load_wan_pipeline("tiny", device="cpu")
         pipe.set_progress_bar_config(disable=True)
@@ -62,7 +68,8 @@ def guided_vs_unguided(
     runs: dict[str, list[Any]] = {"unguided": [], "guided": []}
     for s in seeds:
         for name, sc in (("unguided", 0.0), ("guided", scale)):
-            out = pipe(**call, generator=torch.Generator().manual_seed(base_seed + s), reward_guidance_scale=sc)
+            out = pipe(**call, generator=torch.Generator().manual_seed(base_seed + s), reward_guidance_scale=sc,
+                       reward_guidance_start=start, reward_guidance_end=end)
             runs[name].append(out)
 
     def r_dist(out: Any) -> float:
@@ -73,7 +80,9 @@ def guided_vs_unguided(
     mean_g = sum(r[2] for r in rows) / len(rows)
     best_of = min(r[1] for r in rows)
     improved = sum(r[2] < r[1] for r in rows)
-    sigmas = runs["guided"][0].reward_trace.sigmas
+    trace0 = runs["guided"][0].reward_trace
+    sigmas = trace0.sigmas
+    n_guided = sum(trace0.guided)
     # The trace holds the reward of x0_hat before each step; the fitted reward is -R_dist (plain) or a band.
     curves = {
         name: [sum(-o.reward_trace.rewards[i][0] for o in outs) / len(outs) for i in range(len(sigmas))]
@@ -81,7 +90,7 @@ def guided_vs_unguided(
     }
     plain = reward.config.reward_mode == "plain" if hasattr(reward.config, "reward_mode") else True
     results = {
-        "scale": scale, "steps": steps, "prompt": _PROMPT,
+        "scale": scale, "steps": steps, "window": [start, end], "guided_steps": n_guided, "prompt": _PROMPT,
         "seeds": [r[0] for r in rows],
         "r_dist_unguided": [r[1] for r in rows], "r_dist_guided": [r[2] for r in rows],
         "mean_r_dist_unguided": mean_u, "mean_r_dist_guided": mean_g,
@@ -92,6 +101,8 @@ def guided_vs_unguided(
     lines = [
         f"Tiny random Wan2.1 pipeline ({steps} UniPC steps, latent [16, 3, 8, 8]); prompt {_PROMPT!r}. Its samples "
         "are noise-like, far from the fitted manifold; reward guidance (cheap mode) steps each x0_hat towards it.",
+        f"Guidance window {start:g}..{end:g}: fractions of the unshifted timestep schedule (ComfyUI's start/end "
+        f"percent), so {n_guided} of the {steps} steps are guided whatever the scheduler's shift.",
         "",
         f"{'seed':>6} {'R_dist unguided':>16} {'R_dist guided':>14}",
         *(f"{seed:>6} {u:>16.3f} {g:>14.3f}" for seed, u, g in rows),
@@ -106,11 +117,13 @@ def guided_vs_unguided(
     finals = {"unguided": mean_u, "guided": mean_g}
 
     def panel(ax: Any) -> None:
-        progress = [1 - s for s in sigmas] + [1.0]  # the last point is the final latent
+        # The window's axis: the fraction of the unshifted schedule (UniPC shift 3 here); the last point is the
+        # final latent.
+        progress = list(trace0.progress) + [1.0]
         for name, style in (("unguided", "--"), ("guided", "-")):
             ax.plot(progress, curves[name] + [finals[name]], style, marker="o", label=name)
         ax.set_title("reward guidance on a tiny Wan: R_dist of x0_hat per step, then of the output")
-        ax.set_xlabel("denoising progress 1 - sigma")
+        ax.set_xlabel("schedule progress (unshifted timestep fraction)")
         ax.set_ylabel("mean R_dist" if plain else "mean -reward")
         ax.legend()
 

@@ -13,7 +13,13 @@ The parent ``__call__`` runs unchanged. For the duration of one call the mixin o
 * forward hooks on the transformer(s) (exact mode only): they record each step's calls, which are replayed with
   gradients on ``x_t`` (CFG included) to differentiate through the denoiser;
 * ``encode_prompt`` and ``vae.decode``: to read the prompt embedding (text-conditioned rewards) and the final
-  latent (the reward per video) without copying the pipeline's code.
+  latent (the reward per video) without copying the pipeline's code;
+* ``scheduler.set_timesteps``: only to read the ``mu`` of dynamically shifted schedules (see :func:`scheduler_shift`).
+
+The guidance window is a fraction of the unshifted timestep schedule (ComfyUI's ``start_percent`` convention, see
+:func:`latent_rewards.rewards.guidance.schedule_progress`). diffusers' flow schedulers expose only shifted values
+(their ``timesteps`` are ``sigma * num_train_timesteps``), so the mixin reads the scheduler's shift and inverts
+``sigma = s t / (1 + (s - 1) t)`` at each step; the result is recorded in the trace as ``progress``.
 
 Outside the window, with scale 0 or without a reward, the scheduler receives the untouched tensors, so the output is
 bit-identical to the parent pipeline's.
@@ -41,6 +47,7 @@ from ..rewards.guidance import (
     RewardTrace,
     evaluate_reward,
     guide_x0,
+    schedule_progress,
     x0_from_velocity,
 )
 from ..rewards.hub import load_reward
@@ -50,6 +57,7 @@ __all__ = [
     "RewardGuidanceMixin",
     "reward_output_class",
     "check_flow_matching_scheduler",
+    "scheduler_shift",
     "pipeline_latent_space",
     "REWARD_CALL_KWARGS",
 ]
@@ -91,6 +99,38 @@ def check_flow_matching_scheduler(scheduler: Any) -> None:
         f"use_flow_sigmas=True (Wan's default); this pipeline has {name} (prediction_type={prediction!r}). "
         "Swap it with e.g. pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)"
     )
+
+
+def scheduler_shift(scheduler: Any, mu: float | None = None) -> float:
+    """The timestep shift ``s`` of a flow-matching scheduler's schedule, ``sigma = s t / (1 + (s - 1) t)``.
+
+    The most robust source is the scheduler's own setting, not its ``timesteps``: diffusers' flow schedulers
+    store shifted values there (``timesteps = sigma * num_train_timesteps``), so they cannot give the unshifted
+    time. ``FlowMatchEulerDiscreteScheduler``: its ``shift`` (``set_shift`` included); UniPC / DPM-Solver in flow
+    mode: ``flow_shift`` (DPM-Solver stores ``exp(mu)`` there itself). With ``use_dynamic_shifting`` (Euler,
+    UniPC) the shift is the ``mu`` passed to ``set_timesteps``: diffusers' ``time_shift(mu, 1, t)`` is the same
+    formula with ``s = exp(mu)`` (``time_shift_type="exponential"``) or ``s = mu`` (``"linear"``).
+
+    Raises:
+        ConfigError: dynamic shifting without a known ``mu``, or a shift that is not a positive number.
+    """
+    config = getattr(scheduler, "config", None) or {}
+    dynamic = bool(config.get("use_dynamic_shifting", False))
+    if type(scheduler).__name__ != "DPMSolverMultistepScheduler" and dynamic:
+        if mu is None:
+            raise ConfigError(
+                f"reward guidance: {type(scheduler).__name__} uses dynamic shifting but no `mu` was passed to "
+                "set_timesteps, so the window cannot be placed on its schedule"
+            )
+        shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
+    elif "flow_shift" in config:
+        shift = config.get("flow_shift")
+    else:
+        shift = getattr(scheduler, "shift", config.get("shift", 1.0))
+    shift = float(shift)
+    if not (math.isfinite(shift) and shift > 0):
+        raise ConfigError(f"reward guidance: {type(scheduler).__name__} has a timestep shift of {shift}; expected > 0")
+    return shift
 
 
 def _step_sigma(scheduler: Any, timestep: Any) -> float:
@@ -160,7 +200,7 @@ def reward_output_class(base: type) -> type:
     """A subclass of a diffusers output dataclass (e.g. ``WanPipelineOutput``) with three extra fields:
     ``rewards`` (``[B]`` reward per video, higher is better), ``reward_metrics`` (named per-video metrics of the
     reward, e.g. Shell-LCC's ``r_dist``) and ``reward_trace`` (a :class:`RewardTrace`: per step the noise level,
-    the reward per sample of ``x0_hat`` before the step and the guidance step's RMS)."""
+    the schedule progress, the reward per sample of ``x0_hat`` before the step and the guidance step's RMS)."""
     if not dataclasses.is_dataclass(base):
         raise TypeError(f"{base.__name__} is not a dataclass output")
     fields = [
@@ -341,6 +381,11 @@ class _GuidanceSession:
         self.last_sample: torch.Tensor | None = None
         self.recorder: _CallRecorder | None = None
         self._warned_model_nonfinite = False
+        self._mu: float | None = None
+
+    def progress(self, sigma: float) -> float:
+        """Fraction of the unshifted schedule at this step (the axis of the guidance window)."""
+        return schedule_progress(sigma, scheduler_shift(self.pipe.scheduler, self._mu))
 
     # -- wrappers
     def _step(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -348,10 +393,11 @@ class _GuidanceSession:
 
         def step(model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             sigma = _step_sigma(scheduler, timestep)
-            active = self.config.active_at(sigma)
+            progress = self.progress(sigma) if (self.config.enabled or self.record_trace) else 0.0
+            active = self.config.enabled and sigma >= MIN_SIGMA and self.config.in_window(progress)
             if active or self.record_trace:
                 self._check_model_output(model_output, sigma)
-                model_output = self._guide(model_output, sample, sigma, active)
+                model_output = self._guide(model_output, sample, sigma, progress, active)
             if self.recorder is not None:
                 self.recorder.calls.clear()
             out = original(model_output, timestep, sample, *args, **kwargs)
@@ -370,11 +416,13 @@ class _GuidanceSession:
                 stacklevel=4,
             )
 
-    def _guide(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float, active: bool) -> torch.Tensor:
+    def _guide(
+        self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float, progress: float, active: bool
+    ) -> torch.Tensor:
         x0 = x0_from_velocity(sample.float(), model_output.float(), sigma)
         if not active:
             r = evaluate_reward(self.reward, x0, sigma, x_t=sample, text_embeds=self.text_embeds)
-            self.trace.add(sigma, r, None, False)
+            self.trace.add(sigma, r, None, False, progress=progress)
             return model_output
         denoise = None
         replay: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -399,7 +447,7 @@ class _GuidanceSession:
                 stacklevel=4,
             )
             v = torch.where(bad.view(-1, *([1] * (v.ndim - 1))), model_output.float(), v)
-        self.trace.add(sigma, res.reward, res.step_rms, True)
+        self.trace.add(sigma, res.reward, res.step_rms, True, progress=progress)
         return v.to(model_output.dtype)
 
     def _encode_prompt(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -425,11 +473,24 @@ class _GuidanceSession:
 
         return decode
 
+    def _set_timesteps(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(original)
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            mu = signature.bind_partial(*args, **kwargs).arguments.get("mu")
+            self._mu = float(mu) if mu is not None else None
+            return original(*args, **kwargs)
+
+        return set_timesteps
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[_GuidanceSession]:
         pipe = self.pipe
         with contextlib.ExitStack() as stack:
             stack.enter_context(_patched(pipe.scheduler, "step", self._step(pipe.scheduler.step)))
+            stack.enter_context(
+                _patched(pipe.scheduler, "set_timesteps", self._set_timesteps(pipe.scheduler.set_timesteps))
+            )
             if callable(getattr(pipe, "encode_prompt", None)):
                 stack.enter_context(_patched(pipe, "encode_prompt", self._encode_prompt(pipe.encode_prompt)))
             vae = getattr(pipe, "vae", None)
@@ -464,7 +525,7 @@ class RewardGuidanceMixin:
 
         pipe = RewardGuidedWanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
         pipe.load_latent_reward("user/shell-lcc-wan21")          # folder, Hub id or LatentReward
-        out = pipe("a fox in the snow", reward_guidance_scale=0.05, reward_guidance_end=0.6)
+        out = pipe("a fox in the snow", reward_guidance_scale=0.05, reward_guidance_end=0.8)
         out.frames, out.rewards, out.reward_trace
 
     Guidance state is per pipeline instance: ``set_reward_guidance`` sets defaults, the ``reward_guidance_*``
@@ -492,7 +553,8 @@ class RewardGuidanceMixin:
 
     @property
     def reward_guidance_config(self) -> GuidanceConfig:
-        """A copy of the default guidance settings (scale 0 until ``set_reward_guidance`` is called)."""
+        """A copy of the default guidance settings (scale 0 until ``set_reward_guidance`` is called, and again
+        after ``unload_latent_reward``)."""
         return dataclasses.replace(self._reward_state()["config"])
 
     # -- loading
@@ -522,7 +584,12 @@ class RewardGuidanceMixin:
         return reward
 
     def unload_latent_reward(self, adapter_name: str | None = None) -> None:
-        """Forget one loaded reward (by name) or all of them (``None``); guidance then stops."""
+        """Forget one loaded reward (by name) or all of them (``None``).
+
+        Guidance stops: the default guidance scale is reset to 0 (the window and other settings are kept), so a
+        later plain call runs unguided, and the reward left active, if any, only guides again after
+        ``set_reward_guidance(scale=...)``.
+        """
         state = self._reward_state()
         if adapter_name is None:
             state["rewards"].clear()
@@ -532,6 +599,7 @@ class RewardGuidanceMixin:
             raise ConfigError(f"no latent reward named {adapter_name!r} is loaded (loaded: {self.latent_reward_adapters})")
         if state["active"] not in state["rewards"]:
             state["active"] = next(reversed(state["rewards"]), None)
+        state["config"] = dataclasses.replace(state["config"], scale=0.0)
 
     def _check_reward_space(self, reward: LatentReward) -> None:
         space = pipeline_latent_space(self)
@@ -561,8 +629,11 @@ class RewardGuidanceMixin:
 
         Args:
             scale: step on ``x0_hat`` per guided step, in latent-std units per voxel with ``normalize="rms"``;
-                0 turns guidance off (the reward is still evaluated for the trace and the final score).
-            start, end: the window, as fractions of denoising progress ``1 - sigma`` in [0, 1].
+                0 turns guidance off (the reward is still evaluated for the trace and the final score). A scale
+                > 0 needs a loaded reward when the pipeline is called (:class:`ConfigError` otherwise).
+            start, end: the window, as fractions of the unshifted timestep schedule in [0, 1] (ComfyUI's
+                ``start_percent`` / ``end_percent``): with Wan's shifted schedules ``end=0.8`` guides about the
+                first 80% of the steps. Defaults 0 and 0.8.
             mode: ``"cheap"`` (gradient at ``x0_hat``; about one reward forward+backward per step) or ``"exact"``
                 (through the transformer, CFG included; roughly triples the cost of a step).
             normalize: ``"rms"`` (unit-RMS gradient per sample) or ``"none"``.
@@ -645,6 +716,10 @@ class RewardGuidanceMixin:
         ``reward_metrics`` and ``reward_trace`` (see :func:`reward_output_class`); with ``return_dict=False``
         the tuple is ``(frames, rewards, reward_metrics, reward_trace)``. Without a reward the parent's output
         is returned unchanged.
+
+        Raises:
+            ConfigError: guidance is on (scale > 0, from the call or :meth:`set_reward_guidance`) but no reward
+                is loaded; bad settings; a scheduler that is not flow matching.
         """
         config = self._guidance_with(
             reward_guidance_scale, reward_guidance_start, reward_guidance_end, reward_guidance_mode,
@@ -653,10 +728,11 @@ class RewardGuidanceMixin:
         reward = self.latent_reward
         parent_call = super().__call__  # type: ignore[misc]
         if reward is None:
-            if config.enabled and reward_guidance_scale is not None:
+            if config.enabled:
+                where = "reward_guidance_scale" if reward_guidance_scale is not None else "set_reward_guidance(scale=...)"
                 raise ConfigError(
-                    "reward_guidance_scale > 0 but no latent reward is loaded: call "
-                    "pipe.load_latent_reward(path_or_repo_id) first"
+                    f"reward guidance is on ({where} = {config.scale}) but no latent reward is loaded: call "
+                    "pipe.load_latent_reward(path_or_repo_id) first, or pass reward_guidance_scale=0"
                 )
             return parent_call(*args, **kwargs)
 

@@ -14,6 +14,7 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..rewards.errors import CheckpointError, ConfigError
+from ..trainer.devices import resolve_device
 from . import DEFAULT_WAN_MODEL
 from .guidance_mixin import RewardGuidanceMixin, reward_output_class
 
@@ -39,7 +40,7 @@ class RewardGuidedWanPipeline(RewardGuidanceMixin, WanPipeline):
         pipe = RewardGuidedWanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
         pipe.to("cuda")
         pipe.load_latent_reward("path/or/user/shell-lcc-reward")
-        out = pipe("a red kite over the sea", num_frames=33, reward_guidance_scale=0.05, reward_guidance_end=0.6)
+        out = pipe("a red kite over the sea", num_frames=33, reward_guidance_scale=0.05, reward_guidance_end=0.8)
         print(out.rewards, out.reward_metrics["r_dist"])
     """
 
@@ -49,19 +50,6 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: CUDA if present, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -14,8 +14,11 @@ The step ``x0_hat + scale * normalise(grad)`` is returned; frameworks convert it
 under ``torch.inference_mode()`` (ComfyUI) are handled here: gradients are taken outside it, on fresh tensors,
 and nothing with ``requires_grad`` is returned.
 
-The window is a fraction of the denoising progress measured on the noise level, ``progress = 1 - sigma``:
-guidance is active when ``start <= 1 - sigma <= end``, the same in every framework and for any shift.
+The window ``[start, end]`` is a fraction of the *unshifted* timestep schedule, ComfyUI's ``start_percent`` /
+``end_percent`` convention: a flow model with timestep shift ``s`` (Wan: 3 for 480p and 5 for 720p in diffusers,
+8 in ComfyUI) samples at ``sigma = s t / (1 + (s - 1) t)`` for the unshifted time ``t`` in [0, 1], and a step's
+progress is ``1 - t`` (:func:`schedule_progress`). On the usual uniform-in-``t`` schedules that is the fraction of
+the steps done, whatever the shift; with ``shift=1`` it is ``1 - sigma``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ __all__ = [
     "GuidanceConfig",
     "GuidanceStep",
     "RewardTrace",
+    "schedule_progress",
+    "sigma_at_progress",
+    "DEFAULT_GUIDANCE_START",
+    "DEFAULT_GUIDANCE_END",
     "guide_x0",
     "x0_from_velocity",
     "velocity_from_x0",
@@ -47,6 +54,39 @@ GUIDANCE_MODES = ("cheap", "exact")
 NORMALIZE_MODES = ("rms", "none")
 #: Below this noise level a step is a no-op for the sampler, and 1/sigma conversions are unstable.
 MIN_SIGMA = 1e-4
+#: Default window (fractions of the unshifted schedule): guide the first 80% of the steps and leave the last ones,
+#: where ``1 / sigma`` turns a small move of ``x0_hat`` into a large velocity change, to the model.
+DEFAULT_GUIDANCE_START = 0.0
+DEFAULT_GUIDANCE_END = 0.8
+#: Slack on window bounds, so a step that sits exactly on a bound counts as inside.
+_WINDOW_TOL = 1e-9
+
+
+def _check_shift(shift: float) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+        raise ConfigError(f"reward guidance: the timestep shift must be a finite number > 0, got {shift!r}")
+    return float(shift)
+
+
+def schedule_progress(sigma: float, shift: float = 1.0) -> float:
+    """The fraction of the unshifted timestep schedule done at noise level ``sigma``, in [0, 1].
+
+    A flow model with timestep shift ``s`` samples at ``sigma = s t / (1 + (s - 1) t)``; inverting it gives the
+    unshifted time ``t = sigma / (s - (s - 1) sigma)`` and the progress ``1 - t`` (0 at pure noise, 1 at the clean
+    end). This is the quantity ComfyUI's ``model_sampling.percent_to_sigma`` maps from, so windows mean the same
+    in both frameworks; ``shift=1`` gives ``1 - sigma``.
+    """
+    s = _check_shift(shift)
+    sig = min(max(float(sigma), 0.0), 1.0)
+    t = sig / (s - (s - 1.0) * sig)
+    return min(max(1.0 - t, 0.0), 1.0)
+
+
+def sigma_at_progress(progress: float, shift: float = 1.0) -> float:
+    """Inverse of :func:`schedule_progress`: the noise level at a fraction ``progress`` of the schedule."""
+    s = _check_shift(shift)
+    t = 1.0 - min(max(float(progress), 0.0), 1.0)
+    return s * t / (1.0 + (s - 1.0) * t)
 
 
 @dataclass
@@ -56,20 +96,22 @@ class GuidanceConfig:
     Attributes:
         scale: step size on ``x0_hat``. With ``normalize="rms"`` it is in latent-std units per voxel (the
             gradient is rescaled to unit RMS per sample); 0 disables guidance.
-        start, end: window as fractions of denoising progress ``1 - sigma`` in [0, 1].
+        start, end: the window as fractions of the unshifted timestep schedule in [0, 1] (see
+            :func:`schedule_progress`): 0 = the first step, 1 = the clean end.
         mode: ``"cheap"`` (gradient at ``x0_hat``) or ``"exact"`` (through the denoiser).
         normalize: ``"rms"`` (unit RMS gradient per sample) or ``"none"`` (raw gradient times scale).
         max_step: per-sample RMS cap on the step (a clamp against extreme scales); ``None`` for no cap.
     """
 
     scale: float = 0.0
-    start: float = 0.0
-    end: float = 1.0
+    start: float = DEFAULT_GUIDANCE_START
+    end: float = DEFAULT_GUIDANCE_END
     mode: str = "cheap"
     normalize: str = "rms"
     max_step: float | None = 1.0
 
     def validate(self) -> GuidanceConfig:
+        """Check every field and return ``self``; :class:`ConfigError` names the bad one."""
         for name in ("scale", "start", "end"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -99,14 +141,27 @@ class GuidanceConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether guidance moves anything (``scale > 0``)."""
         return self.scale > 0
 
-    def active_at(self, sigma: float) -> bool:
-        """Whether a step at noise level ``sigma`` lies in the window (``start <= 1 - sigma <= end``)."""
+    def in_window(self, progress: float) -> bool:
+        """Whether a fraction ``progress`` of the schedule lies in ``[start, end]`` (bounds included)."""
+        return self.start - _WINDOW_TOL <= float(progress) <= self.end + _WINDOW_TOL
+
+    def active_at(self, sigma: float, shift: float = 1.0) -> bool:
+        """Whether guidance acts on a step at noise level ``sigma`` of a schedule with timestep shift ``shift``:
+        enabled, ``sigma`` above :data:`MIN_SIGMA` and ``start <= schedule_progress(sigma, shift) <= end``."""
         if not self.enabled or sigma < MIN_SIGMA:
             return False
-        progress = 1.0 - float(sigma)
-        return self.start - 1e-9 <= progress <= self.end + 1e-9
+        return self.in_window(schedule_progress(sigma, shift))
+
+    def active_between(self, sigma: float, sigma_start: float, sigma_end: float) -> bool:
+        """Like :meth:`active_at` for frameworks that map the window to noise levels themselves (ComfyUI's
+        ``percent_to_sigma(start)`` / ``percent_to_sigma(end)``): ``sigma_end <= sigma <= sigma_start``."""
+        if not self.enabled or sigma < MIN_SIGMA:
+            return False
+        tol = _WINDOW_TOL * max(1.0, abs(float(sigma_start)))
+        return float(sigma_end) - tol <= float(sigma) <= float(sigma_start) + tol
 
 
 @dataclass
@@ -122,21 +177,43 @@ class GuidanceStep:
 
 @dataclass
 class RewardTrace:
-    """Per-step record of a guided run: sigma, reward per sample (before the step) and step size."""
+    """Per-step record of a guided run: sigma, schedule progress (the window's axis), reward per sample (before
+    the step), step size and whether the step was guided."""
 
     sigmas: list[float] = field(default_factory=list)
     rewards: list[list[float]] = field(default_factory=list)
     step_rms: list[list[float]] = field(default_factory=list)
     guided: list[bool] = field(default_factory=list)
+    progress: list[float] = field(default_factory=list)
 
-    def add(self, sigma: float, reward: torch.Tensor, step_rms: torch.Tensor | None, guided: bool) -> None:
+    def add(
+        self, sigma: float, reward: torch.Tensor, step_rms: torch.Tensor | None, guided: bool,
+        progress: float | None = None,
+    ) -> None:
+        """Append one step; ``progress`` defaults to ``schedule_progress(sigma)`` (shift 1)."""
         self.sigmas.append(float(sigma))
         self.rewards.append([float(v) for v in reward.detach().float().cpu()])
         self.step_rms.append([float(v) for v in step_rms.detach().float().cpu()] if step_rms is not None else [])
         self.guided.append(bool(guided))
+        self.progress.append(float(progress) if progress is not None else schedule_progress(sigma))
+
+    def select(self, indices: list[int] | slice) -> RewardTrace:
+        """The trace of some samples of the batch (per-step lists sliced), e.g. one candidate of best-of-N."""
+        def pick(row: list[float]) -> list[float]:
+            return row[indices] if isinstance(indices, slice) else [row[i] for i in indices]
+
+        return RewardTrace(
+            sigmas=list(self.sigmas), rewards=[pick(r) for r in self.rewards],
+            step_rms=[pick(r) if r else [] for r in self.step_rms], guided=list(self.guided),
+            progress=list(self.progress),
+        )
 
     def as_dict(self) -> dict[str, list]:
-        return {"sigmas": self.sigmas, "rewards": self.rewards, "step_rms": self.step_rms, "guided": self.guided}
+        """JSON-ready lists (the ComfyUI frontend and the generate CLI write this)."""
+        return {
+            "sigmas": self.sigmas, "progress": self.progress, "rewards": self.rewards, "step_rms": self.step_rms,
+            "guided": self.guided,
+        }
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -284,7 +361,8 @@ def guide_x0(
         reward: a frozen latent reward.
         x0: the post-CFG prediction ``x0_hat`` at this step.
         sigma: the step's noise level (scalar or ``[B]``).
-        config: scale, mode, normalisation (the window is checked by the caller with ``config.active_at``).
+        config: scale, mode, normalisation (the window is checked by the caller with ``config.active_at`` or
+            ``config.active_between``).
         x_t: the current noisy latent (needed by rewards that read it, and by exact mode).
         velocity: the post-CFG velocity; if given with ``x_t``, cheap mode keeps ``x_t = x0 + sigma v`` consistent
             for rewards that read noisy latents.

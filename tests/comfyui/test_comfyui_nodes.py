@@ -60,7 +60,7 @@ def _cond(seed: int) -> list:
     return [[torch.randn(1, 8, 4096, generator=gen), {}]]
 
 
-def _sample(model, *, batch: int = 2, seed: int = 0, steps: int = 4) -> torch.Tensor:
+def _sample(model, *, batch: int = 2, seed: int = 0, steps: int = 4, scheduler: str = "simple") -> torch.Tensor:
     """ComfyUI's KSampler path (comfy.sample.sample), raw VAE-space output, like the KSampler node."""
     import comfy.sample
 
@@ -68,7 +68,7 @@ def _sample(model, *, batch: int = 2, seed: int = 0, steps: int = 4) -> torch.Te
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():
         return comfy.sample.sample(
-            model, noise, steps, 5.0, "euler", "simple", _cond(0), _cond(1), latent, denoise=1.0, seed=seed
+            model, noise, steps, 5.0, "euler", scheduler, _cond(0), _cond(1), latent, denoise=1.0, seed=seed
         )
 
 
@@ -222,16 +222,73 @@ def test_guidance_patch_lowers_r_dist_in_cheap_and_exact_mode(tiny_model, reward
 
 def test_guidance_window_and_zero_scale_leave_the_sample_unchanged_but_trace_it(tiny_model, reward):
     plain = _sample(tiny_model)
-    late = _guide(tiny_model, reward, start=0.5, end=1.0)  # 4 steps: progress 1 - sigma only reaches 0.27
+    late = _guide(tiny_model, reward, start=0.8, end=1.0)  # 4 steps at 0, 0.25, 0.5, 0.75 of the schedule
     assert torch.equal(_sample(late), plain)
     trace = _guidance_of(late).trace
     assert len(trace.sigmas) == 4 and not any(trace.guided)
+    assert trace.progress == pytest.approx([0.0, 0.25, 0.5, 0.75], abs=1e-6)
     # Before any step the prediction is the same guided or not, so the traced reward is too.
     guided = _guide(tiny_model, reward)
     _sample(guided)
     assert _guidance_of(guided).trace.rewards[0] == pytest.approx(trace.rewards[0], abs=1e-5)
     assert _guidance_of(guided).trace.rewards[-1][0] > trace.rewards[-1][0]
     assert torch.equal(_sample(_guide(tiny_model, reward, scale=0.0)), plain)
+
+
+def _shifted(model, shift: float):
+    """ComfyUI's own ModelSamplingSD3 node: the model with another flow shift (an object patch)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    with torch.inference_mode():
+        return ModelSamplingSD3().patch(model, shift)[0]
+
+
+@pytest.mark.parametrize("shift", [None, 3.0, 1.0])
+def test_window_is_placed_with_the_model_sampling_like_comfyui_start_percent(tiny_model, reward, shift):
+    """start/end are fractions of the schedule: with any shift (Wan's default 8, a ModelSamplingSD3 patch) the
+    guided steps are those whose unshifted progress lies in the window, i.e. about the same fraction of steps."""
+    from latent_rewards.nodes.hook import sigma_window
+    from latent_rewards.rewards.guidance import schedule_progress, sigma_at_progress
+
+    model = tiny_model if shift is None else _shifted(tiny_model, shift)
+    ms = model.get_model_object("model_sampling")
+    assert ms.shift == (8.0 if shift is None else shift)  # Wan2.1's ComfyUI default is 8
+    patched = _guide(model, reward, start=0.25, end=0.65)
+    # The window's noise levels are ComfyUI's percent_to_sigma, which is the core's formula for a flow shift.
+    hi, lo = sigma_window(ms, _guidance_of(patched).config)
+    assert (hi, lo) == pytest.approx((sigma_at_progress(0.25, ms.shift), sigma_at_progress(0.65, ms.shift)))
+    for scheduler in ("simple", "beta"):
+        _sample(patched, steps=10, scheduler=scheduler)
+        trace = _guidance_of(patched).trace
+        assert trace.progress == pytest.approx([schedule_progress(s, ms.shift) for s in trace.sigmas], abs=1e-6)
+        assert trace.guided == [0.25 - 1e-6 <= p <= 0.65 + 1e-6 for p in trace.progress]
+        if scheduler == "simple":  # uniform in unshifted time: step i at i / 10
+            assert trace.progress == pytest.approx([i / 10 for i in range(10)], abs=1e-6)
+            assert [i for i, g in enumerate(trace.guided) if g] == [3, 4, 5, 6]
+
+
+def test_diffusers_and_comfyui_guide_the_same_steps_for_the_same_shift(tiny_model, reward):
+    """Wan's diffusers UniPC (flow_shift 3) and ComfyUI's KSampler with ModelSamplingSD3(shift 3), 10 steps each,
+    the same window: the same steps are guided and their progress agrees (UniPC's grid stops at t = 0.001)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from latent_rewards.pipelines import RewardGuidedWanPipeline
+    from latent_rewards.pipelines.tiny import build_tiny_wan_pipeline
+
+    pipe = build_tiny_wan_pipeline(RewardGuidedWanPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe.load_latent_reward(reward)
+    knobs = dict(start=0.15, end=0.55)
+    out = pipe("a red kite", num_frames=9, height=64, width=64, num_inference_steps=10, max_sequence_length=16,
+               output_type="latent", generator=torch.Generator().manual_seed(0), reward_guidance_scale=0.05,
+               reward_guidance_start=knobs["start"], reward_guidance_end=knobs["end"])
+    patched = _guide(_shifted(tiny_model, 3.0), reward, **knobs)
+    _sample(patched, steps=10)
+    comfy_trace, diffusers_trace = _guidance_of(patched).trace, out.reward_trace
+    assert diffusers_trace.guided == comfy_trace.guided
+    assert [i for i, g in enumerate(comfy_trace.guided) if g] == [2, 3, 4, 5]
+    assert diffusers_trace.progress == pytest.approx(comfy_trace.progress, abs=1.1e-3)
 
 
 def test_guider_matches_the_model_patch_with_sampler_custom_advanced_parts(tiny_model, reward):

@@ -76,15 +76,20 @@ def test_guidance_workflow_runs_and_streams_the_reward_trace(comfy_server):
     assert [len(t["trace"]["sigmas"]) for t in traces] == [1, 2, 3, 4, 4]
     last = traces[-1]
     assert last["done"] and last["node"] == "8" and last["guidance_node"] == "7" and last["kind"] == "shell-lcc"
-    assert all(last["trace"]["guided"]) and len(last["trace"]["rewards"][0]) == 2
+    assert all(last["trace"]["guided"]) and len(last["trace"]["rewards"][0]) == 2  # end 0.8 covers all 4 steps
+    # The window's axis, streamed with the trace: 4 simple-scheduler steps of Wan's shift-8 schedule.
+    assert last["trace"]["progress"] == pytest.approx([0.0, 0.25, 0.5, 0.75], abs=1e-6)
     assert len(_scores(result, "9")["scores"]) == 2
     assert _latent(comfy_server, result, "10").shape == (2, 16, 3, 8, 8)
 
 
 def test_guider_workflow_runs_with_sampler_custom_advanced(comfy_server):
-    result = _run_ok(comfy_server, load_workflow("wan21_t2v_reward_guider.json"))
+    prompt = load_workflow("wan21_t2v_reward_guider.json")
+    prompt["7"]["inputs"]["end"] = 0.6  # 4 steps at 0, 0.25, 0.5, 0.75 of the schedule: the last is left out
+    result = _run_ok(comfy_server, prompt)
     last = result.events("latent_rewards.trace")[-1]
     assert last["done"] and last["node"] == "8" and last["guidance_node"] == "7" and len(last["trace"]["sigmas"]) == 4
+    assert last["trace"]["guided"] == [True, True, True, False]
     assert len(_scores(result, "9")["scores"]) == 2
 
 

@@ -62,7 +62,8 @@ const idle = make(Sampler, 3);
 app.graph.nodes.set(8, sampler);
 api.dispatchEvent(new CustomEvent("latent_rewards.trace", { detail: {
   node: "8", guidance_node: "7", kind: "shell-lcc", done: true,
-  trace: { sigmas: [1.0, 0.5, 0.2], rewards: [[-4, -4.2], [-3, -3.2], [-2, -2.2]], guided: [true, true, false], step_rms: [] },
+  trace: { sigmas: [1.0, 0.9, 0.6], progress: [0.0, 0.25, 0.75], rewards: [[-4, -4.2], [-3, -3.2], [-2, -2.2]],
+           guided: [true, true, false], step_rms: [] },
 } }));
 score.onExecuted({ latent_rewards: [{ kind: "shell-lcc", scores: [-1.5, -2.0], order: [0] }] });
 const c1 = recorder(), c2 = recorder(), c3 = recorder();
@@ -74,6 +75,7 @@ const count = (calls, name) => calls.filter((c) => c[0] === name).length;
 console.log(JSON.stringify({
   extensions: app.extensions.length, dirty, baseDrawn: sampler.baseDrawn === true,
   samplerTexts: texts(c1.calls), arcs: count(c1.calls, "arc"), fills: count(c1.calls, "fill"),
+  arcX: c1.calls.filter((c) => c[0] === "arc").map((c) => c[1]),
   scoreTexts: texts(c2.calls), scoreRects: count(c2.calls, "fillRect"),
   idleCalls: c3.calls.length, idleBaseDrawn: idle.baseDrawn === true,
 }));
@@ -103,5 +105,7 @@ def test_js_draws_the_trace_and_the_scores_and_registers_once(tmp_path):
     assert out["dirty"] == [8, 9] and out["baseDrawn"]
     assert out["samplerTexts"] == ["shell-lcc reward per step: -4.100 \u2192 -2.100"]
     assert out["arcs"] == 3 and out["fills"] == 2  # filled dots for the two guided steps
+    # Dots sit at the schedule progress across the 288 px chart (6 px margins), not evenly by step index.
+    assert out["arcX"] == [6, 6 + 0.25 * 288, 6 + 0.75 * 288]
     assert out["scoreTexts"] == ["shell-lcc: -1.500, -2.000  (kept #0)"] and out["scoreRects"] == 1 + 2
     assert out["idleCalls"] == 0 and out["idleBaseDrawn"]

@@ -9,7 +9,7 @@ import torch
 from guided_wan_helpers import CALL, gen
 
 from latent_rewards.rewards.errors import ConfigError, LatentSpaceMismatchError
-from latent_rewards.rewards.guidance import GuidanceConfig
+from latent_rewards.rewards.guidance import DEFAULT_GUIDANCE_END, GuidanceConfig, schedule_progress
 
 
 def latents_of(p, seed=0, **kw):
@@ -58,8 +58,12 @@ def test_guidance_lowers_final_r_dist_for_several_seeds(pipe, reward, scheduler)
         guided = latents_of(pipe, seed, reward_guidance_scale=0.05)
         assert guided.reward_metrics["r_dist"].item() < base.reward_metrics["r_dist"].item() - 0.05
         torch.testing.assert_close(guided.rewards, -guided.reward_metrics["r_dist"])
-        assert all(guided.reward_trace.guided)
-        assert all(abs(s[0] - 0.05) < 1e-6 for s in guided.reward_trace.step_rms)
+        trace = guided.reward_trace
+        # The default window (0 .. 0.8 of the schedule): UniPC's 5 steps sit at 0, 0.2, .., 0.8 (all guided),
+        # Euler's at 0, 0.25, .., 1.0 (the last one is not).
+        assert trace.guided == [p <= DEFAULT_GUIDANCE_END + 1e-9 for p in trace.progress]
+        assert sum(trace.guided) == (5 if scheduler == "unipc" else 4)
+        assert all(abs(s[0] - 0.05) < 1e-6 for s, g in zip(trace.step_rms, trace.guided) if g)
 
 
 def test_window_limits_the_guided_steps(pipe, reward):
@@ -67,8 +71,9 @@ def test_window_limits_the_guided_steps(pipe, reward):
     pipe.set_reward_guidance(scale=0.05, start=0.0, end=0.5)
     out = latents_of(pipe)
     trace = out.reward_trace
-    assert trace.guided == [1 - s <= 0.5 for s in trace.sigmas]
-    assert 0 < sum(trace.guided) < len(trace.guided)
+    # The tiny pipeline's UniPC has flow_shift 3: progress is measured on the unshifted schedule.
+    assert trace.progress == pytest.approx([schedule_progress(s, 3.0) for s in trace.sigmas], abs=1e-12)
+    assert trace.guided == [p <= 0.5 for p in trace.progress] == [True, True, True, False, False]
     assert all(r == [] for r, g in zip(trace.step_rms, trace.guided) if not g)
 
 
@@ -220,11 +225,34 @@ def test_bad_guidance_settings_are_errors(pipe, reward, kwargs):
     assert pipe.reward_guidance_config == GuidanceConfig()
 
 
-def test_guidance_without_a_reward_is_an_error(pipe):
+def test_guidance_without_a_reward_is_an_error(pipe, plain_pipe, reward):
     with pytest.raises(ConfigError, match="load_latent_reward"):
         latents_of(pipe, reward_guidance_scale=0.1)
     with pytest.raises(ConfigError, match="load_latent_reward"):
         pipe.score_latents(torch.randn(1, 16, 3, 8, 8))
+    # The default set with set_reward_guidance is checked at the call too, not silently ignored.
+    pipe.set_reward_guidance(scale=0.1)
+    with pytest.raises(ConfigError, match=r"set_reward_guidance\(scale=...\) = 0.1.*load_latent_reward"):
+        latents_of(pipe)
+    ref = latents_of(plain_pipe).frames
+    assert torch.equal(latents_of(pipe, reward_guidance_scale=0.0).frames, ref)  # explicitly off for one call
+
+
+def test_unloading_the_reward_turns_guidance_off(pipe, plain_pipe, reward, small_shell_lcc):
+    ref = latents_of(plain_pipe).frames
+    pipe.load_latent_reward(reward)
+    pipe.set_reward_guidance(scale=0.05, end=0.6)
+    assert not torch.equal(latents_of(pipe).frames, ref)
+    pipe.unload_latent_reward()
+    assert pipe.reward_guidance_config == GuidanceConfig(scale=0.0, end=0.6)  # only the scale is reset
+    assert torch.equal(latents_of(pipe).frames, ref)
+    # Unloading one of two rewards does not hand the scale over to the one left active.
+    pipe.load_latent_reward(reward)
+    pipe.load_latent_reward(small_shell_lcc(1), adapter_name="second")
+    pipe.set_reward_guidance(scale=0.05)
+    pipe.unload_latent_reward("second")
+    out = latents_of(pipe)
+    assert pipe.latent_reward is reward and torch.equal(out.frames, ref) and not any(out.reward_trace.guided)
 
 
 def test_extreme_scale_is_clamped_with_a_warning(pipe, reward):

@@ -64,7 +64,8 @@ def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
     plain.set_progress_bar_config(disable=True)
     image = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
     torch.manual_seed(0)
-    # Embeddings instead of a prompt: diffusers' I2V prompt cleaning needs ftfy, which is not a dependency here.
+    # Embeddings instead of a prompt keep this test on the guidance path; a text prompt (diffusers' I2V prompt
+    # cleaning uses ftfy, a dependency) is the next test.
     kw = dict(image=image, prompt_embeds=torch.randn(1, 8, 4096), negative_prompt_embeds=torch.randn(1, 8, 4096),
               num_frames=9, height=64, width=64, num_inference_steps=4, output_type="latent")
     ref = plain(**kw, generator=gen(0)).frames
@@ -74,6 +75,31 @@ def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
     for mode in ("cheap", "exact"):
         out = i2v(**kw, generator=gen(0), reward_guidance_scale=0.05, reward_guidance_mode=mode)
         assert out.reward_metrics["r_dist"].item() < base - 0.05, mode
+
+
+def test_image_to_video_with_a_text_prompt(pipe, reward):
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from latent_rewards.pipelines import RewardGuidedWanImageToVideoPipeline
+    from latent_rewards.pipelines.tiny import build_tiny_wan_i2v_pipeline
+
+    i2v = build_tiny_wan_i2v_pipeline(
+        RewardGuidedWanImageToVideoPipeline, wan22=False, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+    )
+    i2v.set_progress_bar_config(disable=True)
+    plain = WanImageToVideoPipeline(**i2v.components)
+    plain.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))
+    kw = dict(image=image, prompt="a <b>red</b> kite over the sea", negative_prompt="blurry", num_frames=9,
+              height=64, width=64, num_inference_steps=4, max_sequence_length=16, output_type="latent")
+    ref = plain(**kw, generator=gen(0)).frames
+    i2v.load_latent_reward(reward)
+    assert torch.equal(i2v(**kw, generator=gen(0)).frames, ref)
+    out = i2v(**kw, generator=gen(0), reward_guidance_scale=0.05)
+    assert out.reward_metrics["r_dist"].item() < reward.distance(ref).item() - 0.05
+    assert sum(out.reward_trace.guided) == 4  # 4 steps at progress 0, 0.25, 0.5, 0.75: all in the default window
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -2,7 +2,8 @@
 //
 // * Guided runs: the backend sends "latent_rewards.trace" websocket events (node = the sampler node, guidance_node =
 //   the Latent Reward Guidance / Guider node) after every sampling step; a small chart of the mean reward per step
-//   is drawn under both nodes (filled dots = guided steps).
+//   is drawn under both nodes (filled dots = guided steps), placed along the schedule progress (the axis of the
+//   start/end window, 0 at the left edge, 1 at the right) when the trace carries it.
 // * Scoring: LatentRewardsScore / LatentRewardsBestOf return ui.latent_rewards = [{kind, scores, ...}]; the scores
 //   are drawn as bars under the node.
 
@@ -39,6 +40,7 @@ if (!globalThis.__latentRewardsExtension) {
   function drawTrace(ctx, node, event) {
     const values = (event.trace?.rewards || []).map(mean);
     const guided = event.trace?.guided || [];
+    const progress = event.trace?.progress || [];
     if (!values.length) return;
     const lo = Math.min(...values);
     const hi = Math.max(...values);
@@ -46,7 +48,9 @@ if (!globalThis.__latentRewardsExtension) {
     const title = `${event.kind} reward per step: ${fmt(values[0])} \u2192 ${fmt(values[values.length - 1])}` +
       (event.done ? "" : " \u2026");
     const box = frame(ctx, node, title);
-    const px = (i) => box.x + (values.length === 1 ? box.w / 2 : (i * box.w) / (values.length - 1));
+    const onAxis = progress.length === values.length;
+    const px = (i) =>
+      box.x + (onAxis ? progress[i] * box.w : values.length === 1 ? box.w / 2 : (i * box.w) / (values.length - 1));
     const py = (v) => box.y + box.h - ((v - lo) / span) * box.h;
     ctx.strokeStyle = "#7ec8ff";
     ctx.lineWidth = 1.5;
