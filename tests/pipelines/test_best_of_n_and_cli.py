@@ -111,7 +111,7 @@ def test_generate_cli_writes_mp4_and_json(reward, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--guidance-end", "1.5"], "start and end"), (["--best-of", "0"], "best-of"),
+    [(["--guidance-end", "1.5"], "end=1.5"), (["--best-of", "0"], "best-of"),
      (["--reward", "no/such-reward-xyz"], "no/such-reward-xyz")],
 )
 def test_generate_cli_bad_input_is_one_line_exit_2(reward, tmp_path, capsys, extra, message):
