@@ -47,10 +47,10 @@ def test_load_wan_pipeline_from_folder_and_offline_hub_error(plain_pipe, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- image-to-video
-@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1-clip", "wan2.2-style"])
-def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
+def _tiny_i2v(pipe, wan22: bool):
+    """A tiny guided I2V pipeline sharing the session pipeline's text encoder and VAE, and diffusers' own plain
+    ``WanImageToVideoPipeline`` over the same components."""
     from diffusers import WanImageToVideoPipeline
-    from PIL import Image
 
     from latent_rewards.pipelines import RewardGuidedWanImageToVideoPipeline
     from latent_rewards.pipelines.tiny import build_tiny_wan_i2v_pipeline
@@ -59,10 +59,22 @@ def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
         RewardGuidedWanImageToVideoPipeline, wan22=wan22, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
         vae=pipe.vae,
     )
-    i2v.set_progress_bar_config(disable=True)
     plain = WanImageToVideoPipeline(**i2v.components, expand_timesteps=wan22)
-    plain.set_progress_bar_config(disable=True)
-    image = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+    for p in (i2v, plain):
+        p.set_progress_bar_config(disable=True)
+    return i2v, plain
+
+
+def _image(seed: int):
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("wan22", [False, True], ids=["wan2.1-clip", "wan2.2-style"])
+def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
+    i2v, plain = _tiny_i2v(pipe, wan22)
+    image = _image(0)
     torch.manual_seed(0)
     # Embeddings instead of a prompt keep this test on the guidance path; a text prompt (diffusers' I2V prompt
     # cleaning uses ftfy, a dependency) is the next test.
@@ -78,21 +90,8 @@ def test_mixin_composes_with_wan_image_to_video(pipe, reward, wan22):
 
 
 def test_image_to_video_with_a_text_prompt(pipe, reward):
-    from diffusers import WanImageToVideoPipeline
-    from PIL import Image
-
-    from latent_rewards.pipelines import RewardGuidedWanImageToVideoPipeline
-    from latent_rewards.pipelines.tiny import build_tiny_wan_i2v_pipeline
-
-    i2v = build_tiny_wan_i2v_pipeline(
-        RewardGuidedWanImageToVideoPipeline, wan22=False, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-    )
-    i2v.set_progress_bar_config(disable=True)
-    plain = WanImageToVideoPipeline(**i2v.components)
-    plain.set_progress_bar_config(disable=True)
-    image = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))
-    kw = dict(image=image, prompt="a <b>red</b> kite over the sea", negative_prompt="blurry", num_frames=9,
+    i2v, plain = _tiny_i2v(pipe, wan22=False)
+    kw = dict(image=_image(1), prompt="a <b>red</b> kite over the sea", negative_prompt="blurry", num_frames=9,
               height=64, width=64, num_inference_steps=4, max_sequence_length=16, output_type="latent")
     ref = plain(**kw, generator=gen(0)).frames
     i2v.load_latent_reward(reward)
