@@ -157,6 +157,24 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+#: Names already warned about an ambiguous layout (one warning per file and process).
+_AMBIGUOUS_WARNED: set[str] = set()
+
+
+def _warn_ambiguous_layout(name: str, shape: tuple[int, ...], channels: int) -> None:
+    """Warn once per file: ``[16, 16, H, W]`` is also exactly an official ``[T, 16, H, W]`` file with 16 latent
+    frames, and nothing (argument, file metadata, manifest) said which it is."""
+    if name in _AMBIGUOUS_WARNED:
+        return
+    _AMBIGUOUS_WARNED.add(name)
+    logger.warning(
+        "%s: ambiguous layout: shape %s reads as [C, T, H, W] or as an official [T, C, H, W] latent with %d latent "
+        "frames, and neither the file's metadata nor the folder's manifest records which; reading it as "
+        "[C, T, H, W]. For an official [T, %d, H, W] file pass --layout TCHW (layout='TCHW' in Python); "
+        "--layout CTHW silences this warning.", name, list(shape), shape[0], channels,
+    )
+
+
 def to_cthw(
     x: torch.Tensor, *, space: LatentSpace = WAN21, layout: str | None = None, name: str = "latent"
 ) -> torch.Tensor:
@@ -178,6 +196,8 @@ def to_cthw(
     if layout is None:
         if x.shape[0] in ok:
             layout = "CTHW"  # also the choice when both dims fit (documented in the module docstring)
+            if x.shape[1] in ok:
+                _warn_ambiguous_layout(name, tuple(x.shape), c)
         elif x.shape[1] in ok:
             layout = "TCHW"
         else:

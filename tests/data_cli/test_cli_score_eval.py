@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,13 +120,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_fit, shell_data, capsys):
         main(["--debug", "score", reward, str(tmp_path / "empty")])
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end_quiet(tmp_path):
+    """`latent-rewards demo --quiet` exactly as a user runs it: all three sections, only the report on stdout."""
     out = tmp_path / "demo"
-    # Only this area's section: the guidance and fine-tuning sections are tested by their own areas.
-    assert main(["demo", "--out", str(out), "--seed", "0", "--quiet", "--sections", "manifold"]) == 0
-    text = capsys.readouterr().out
-    assert "What the paper claims" in text
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # third-party deprecation noise is not the demo's output
+    proc = subprocess.run([sys.executable, "-m", "latent_rewards.trainer.cli", "demo", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress lines, no trainer log lines
+    assert proc.stdout == (out / "report.txt").read_text()
     report = json.loads((out / "report.json").read_text())
+    assert list(report["sections"]) == ["manifold", "guidance", "fine-tune"]
     res = report["sections"]["manifold"]
     sets = res["sets"]
     assert sets["real"]["r_dist"]["mean"] < sets["distorted"]["r_dist"]["mean"]
@@ -133,9 +140,31 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert res["distinguishability"]["real_vs_blurred"]["band_reward"] > 0.9
     assert all(res["checks"].values())
     assert res["train_r_dist"]["mean"] == pytest.approx(1.0, abs=0.1)
-    assert (out / "report.txt").read_text().startswith("latent-rewards demo")
-    assert list(report["sections"]) == ["manifold"]
-    assert main(["demo", "--out", str(out), "--sections", "nope"]) == 2
-    assert "unknown demo section" in capsys.readouterr().err
+    assert proc.stdout.startswith("latent-rewards demo") and "What the paper claims" in proc.stdout
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert ShellLCC.from_pretrained(out / "reward").config.num_bases == 48
+
+
+def test_demo_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (["--out", str(tmp_path / "a_file")], "is a file; the demo writes a folder"),
+        (["--out", str(tmp_path / "a_file" / "sub"), "--quiet"], "a_file is a file"),  # errors show when quiet
+        (["--out", str(tmp_path / "d"), "--sections", "nope"], "unknown demo section"),
+    ]
+    for extra, words in cases:
+        assert main(["demo", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("latent-rewards demo: error:") and words in err, err
+    assert (tmp_path / "a_file").read_text() == "x" and not (tmp_path / "d").exists()
+
+
+def test_demo_help_describes_every_section():
+    from latent_rewards.trainer.cli import build_parser
+    from latent_rewards.trainer.demo import SECTIONS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = " ".join(sub.choices["demo"].format_help().split())
+    for section in SECTIONS:
+        assert f"{section.name}:" in text
+    assert "about 15 s on 2 CPU cores" in text and "minute" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import pytest
@@ -61,14 +62,30 @@ def test_pt_files_bf16_32_channels_and_batch_dim(tmp_path):
     assert torch.equal(load_latent_file(tmp_path / "dict_batch.pt"), z)
 
 
-def test_ambiguous_16x16_prefers_cthw_unless_told(tmp_path):
+def _layout_warnings(caplog, name):
+    return [r for r in caplog.records if r.levelno == logging.WARNING and "ambiguous layout" in r.getMessage()
+            and name in r.getMessage()]
+
+
+def test_ambiguous_16x16_prefers_cthw_unless_told(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="latent_rewards")
     z = _z(t=16)
     tchw = z.permute(1, 0, 2, 3).contiguous()
     torch.save(tchw, tmp_path / "amb.pt")
     assert torch.equal(load_latent_file(tmp_path / "amb.pt"), tchw)  # read as [C, T, H, W]
+    # ... with one warning for that file, naming it and the option that settles it, however often it is read.
+    assert torch.equal(load_latent_file(tmp_path / "amb.pt"), tchw)
+    (warning,) = _layout_warnings(caplog, "amb.pt")
+    assert str(tmp_path / "amb.pt") in warning.getMessage() and "--layout TCHW" in warning.getMessage()
+    assert "[16, 16, 4, 5]" in warning.getMessage()
+    caplog.clear()
     assert torch.equal(load_latent_file(tmp_path / "amb.pt", layout="TCHW"), z)
     save_file({"z": tchw}, str(tmp_path / "amb.safetensors"), metadata={"layout": "TCHW"})
     assert torch.equal(load_latent_file(tmp_path / "amb.safetensors"), z)  # metadata decides
+    save_latent_file(tmp_path / "ours.safetensors", z)  # our own files record their layout
+    assert torch.equal(load_latent_file(tmp_path / "ours.safetensors"), z)
+    torch.save(_z(t=15), tmp_path / "plain.pt")  # 15 latent frames: not ambiguous
+    load_latent_file(tmp_path / "plain.pt")
     # A manifest can declare the layout of files that carry no metadata.
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -78,6 +95,18 @@ def test_ambiguous_16x16_prefers_cthw_unless_told(tmp_path):
     assert item.layout == "TCHW"
     assert torch.equal(load_latent_file(item.path, layout=item.layout), z)
     assert list_latent_items(folder, layout="CTHW")[0].layout == "CTHW"
+    assert torch.equal(VoxelSampler([item], batch_voxels=8, seed=0).clip(0), z.permute(1, 2, 3, 0).reshape(-1, 16))
+    assert not [r for r in caplog.records if "ambiguous layout" in r.getMessage()]
+    # A folder of such files without a manifest (the official extractor's output): one warning per file, even when
+    # the sampler reads its clips again and again.
+    bare = tmp_path / "bare"
+    for i in range(3):
+        bare.mkdir(exist_ok=True)
+        torch.save(_z(t=16, seed=i).permute(1, 0, 2, 3).contiguous(), bare / f"c{i}.pt")
+    sampler = VoxelSampler(list_latent_items(bare), batch_voxels=16, seed=0, cache_clips=1)
+    for step in range(6):
+        sampler.batch(step)
+    assert sorted(len(_layout_warnings(caplog, f"c{i}.pt")) for i in range(3)) == [1, 1, 1]
 
 
 def test_save_latent_file_round_trip_metadata_and_atomic(tmp_path):

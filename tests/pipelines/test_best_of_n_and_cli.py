@@ -84,6 +84,11 @@ def test_best_of_n_resumes_from_its_cache(pipe, reward, tmp_path):
     assert again.traces[0].as_dict() == first.traces[0].as_dict()
 
 
+def _generate_argv(reward_dir, out, *extra):
+    return ["generate", "--model", "tiny", "--reward", str(reward_dir), "--prompt", "a cat", "--out", str(out),
+            *extra]
+
+
 def test_generate_cli_writes_mp4_and_json(reward, tmp_path, capsys):
     import av
 
@@ -91,13 +96,17 @@ def test_generate_cli_writes_mp4_and_json(reward, tmp_path, capsys):
 
     reward.save_pretrained(tmp_path / "reward")
     out = tmp_path / "out"
-    argv = ["generate", "--model", "tiny", "--reward", str(tmp_path / "reward"), "--prompt", "a cat",
-            "--best-of", "2", "--guidance-scale", "0.05", "--guidance-end", "0.8", "--steps", "3", "--frames", "5",
-            "--seed", "4", "--save-all", "--fps", "8", "--out", str(out)]
+    argv = _generate_argv(tmp_path / "reward", out, "--best-of", "2", "--guidance-scale", "0.05", "--guidance-end",
+                          "0.8", "--guidance-max-step", "none", "--steps", "3", "--frames", "5", "--seed", "4",
+                          "--save-all", "--fps", "8")
     assert main(argv) == 0
     report = json.loads((out / "generation.json").read_text())
-    assert report["settings"]["reward_guidance"]["scale"] == 0.05 and report["settings"]["steps"] == 3
-    assert report["settings"]["seeds"] == [4, 5] and report["settings"]["device"] == "cpu"
+    settings = report["settings"]
+    assert settings["reward_guidance"]["scale"] == 0.05 and settings["steps"] == 3
+    assert settings["reward_guidance"]["max_step"] is None  # 'none': no cap, recorded as such
+    assert settings["seeds"] == [4, 5] and settings["device"] == "cpu"
+    assert (settings["frames"], settings["height"], settings["width"]) == (5, 64, 64)  # what was generated
+    assert len(settings["reward_sha256"]) == 64 and settings["reward_revision"] is None
     assert [c["seed"] for c in report["candidates"]] == [4, 5]
     best = report["best"]
     assert best["reward"] == max(c["reward"] for c in report["candidates"])
@@ -109,21 +118,115 @@ def test_generate_cli_writes_mp4_and_json(reward, tmp_path, capsys):
     assert f"seed-{best['seed']}.mp4" in capsys.readouterr().out
 
 
+def test_generate_cli_resume_key_follows_the_reward_content(tmp_path, small_shell_lcc):
+    """Replacing the reward folder under the same path must not reuse candidates generated with the old one."""
+    from safetensors.torch import load_file
+
+    from latent_rewards.trainer.cli import main
+
+    folder, out = tmp_path / "reward", tmp_path / "out"
+    argv = _generate_argv(folder, out, "--best-of", "2", "--guidance-scale", "0.05", "--steps", "3", "--frames", "5")
+
+    def run():
+        assert main(argv) == 0
+        report = json.loads((out / "generation.json").read_text())
+        cands = {c["seed"]: c["reward"] for c in report["candidates"]}
+        files = {s: out / "candidates" / f"seed-{s}" / "latents.safetensors" for s in cands}
+        return report["settings"], cands, {s: f.stat().st_mtime_ns for s, f in files.items()}, files
+
+    first_reward = small_shell_lcc(0)
+    first_reward.save_pretrained(folder)
+    settings_a, rewards_a, stamps_a, files = run()
+    # Same reward: both candidates are resumed from the cache, not regenerated.
+    settings_again, rewards_again, stamps_again, _ = run()
+    assert rewards_again == rewards_a and stamps_again == stamps_a
+    assert settings_again["reward_sha256"] == settings_a["reward_sha256"]
+    # Another reward saved over the same folder: new key, new candidates, scored by the new reward.
+    new_reward = small_shell_lcc(5)
+    new_reward.save_pretrained(folder)
+    settings_b, rewards_b, stamps_b, files = run()
+    assert settings_b["reward_sha256"] != settings_a["reward_sha256"]
+    assert all(stamps_b[s] != stamps_a[s] for s in stamps_a)
+    for seed, path in files.items():
+        lat = load_file(str(path))["latents"]
+        assert rewards_b[seed] == pytest.approx(new_reward.reward(lat).item(), abs=1e-5)
+        assert rewards_b[seed] != pytest.approx(first_reward.reward(lat).item(), abs=1e-5)
+
+
+def test_reward_and_model_fingerprints_for_hub_ids(tmp_path, small_shell_lcc, monkeypatch):
+    """Hub ids resolve through the (offline) huggingface_hub cache: the key holds the snapshot's commit and the
+    content hash of what it holds; a new commit of the same repository gives a new fingerprint."""
+    import huggingface_hub.constants
+
+    from latent_rewards.pipelines.tiny import save_tiny_wan_pipeline
+    from latent_rewards.trainer.commands.generate import model_fingerprint, reward_fingerprint
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def publish(repo, files, commit):
+        repo_dir = cache / f"models--{repo.replace('/', '--')}"
+        snap = repo_dir / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in files.iterdir():
+            if f.is_file():
+                (snap / f.name).write_bytes(f.read_bytes())
+        (repo_dir / "refs").mkdir(exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(commit)
+
+    local = small_shell_lcc(0).save_pretrained(tmp_path / "r0")
+    publish("someone/reward", local, "a" * 40)
+    folder, fp = reward_fingerprint("someone/reward")
+    assert folder.name == fp["revision"] == "a" * 40
+    assert fp["sha256"] == reward_fingerprint(local)[1]["sha256"]  # same files, same content hash
+    assert reward_fingerprint(local)[1]["revision"] is None
+    publish("someone/reward", small_shell_lcc(1).save_pretrained(tmp_path / "r1"), "b" * 40)
+    _, fp_new = reward_fingerprint("someone/reward")
+    assert fp_new["revision"] == "b" * 40 and fp_new["sha256"] != fp["sha256"]
+
+    pipe_dir = save_tiny_wan_pipeline(tmp_path / "wan")
+    publish("someone/wan", pipe_dir, "c" * 40)
+    assert model_fingerprint("someone/wan") == {"revision": "c" * 40}
+    assert model_fingerprint("tiny") == {}
+    before = model_fingerprint(pipe_dir)
+    assert model_fingerprint(pipe_dir) == before
+    (pipe_dir / "model_index.json").write_text((pipe_dir / "model_index.json").read_text() + "\n")
+    assert model_fingerprint(pipe_dir) != before  # a changed local model folder invalidates saved candidates
+
+
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--guidance-end", "1.5"], "end=1.5"), (["--best-of", "0"], "best-of"),
+    [(["--guidance-end", "1.5"], "--guidance-start and --guidance-end are fractions of the sampling schedule"),
+     (["--guidance-start", "0.7", "--guidance-end", "0.3"], "start <= end"),
+     (["--guidance-max-step", "0"], "--guidance-max-step must be a number > 0 or 'none'"),
+     (["--guidance-max-step", "-1"], "--guidance-max-step"),
+     (["--guidance-scale", "nan"], "--guidance-scale"),
+     (["--height", "60"], "--height must be a positive multiple of 16"),
+     (["--width", "0"], "--width must be a positive multiple of 16"),
+     (["--frames", "10"], "--frames must be of the form 4k+1"),
+     (["--steps", "0"], "--steps must be >= 1"),
+     (["--cfg-scale", "-1"], "--cfg-scale must be a finite number >= 0"),
+     (["--best-of", "0"], "best-of"),
+     (["--seed", "-1"], "--seed"),
+     (["--device", "foo"], "unknown device 'foo'; expected one of: auto, cpu"),
+     (["--device", f"cuda:{torch.cuda.device_count()}"], "expected one of: auto, cpu"),
      (["--reward", "no/such-reward-xyz"], "no/such-reward-xyz")],
 )
 def test_generate_cli_bad_input_is_one_line_exit_2(reward, tmp_path, capsys, extra, message):
     from latent_rewards.trainer.cli import main
 
     reward.save_pretrained(tmp_path / "reward")
-    argv = ["generate", "--model", "tiny", "--reward", str(tmp_path / "reward"), "--prompt", "x",
-            "--out", str(tmp_path / "out"), *extra]
-    assert main(argv) == 2
+    assert main(_generate_argv(tmp_path / "reward", tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_uses_the_shared_device_resolver():
+    from latent_rewards.pipelines.wan import resolve_device
+    from latent_rewards.trainer.devices import resolve_device as shared
+
+    assert resolve_device is shared
 
 
 def test_demo_section_guided_beats_unguided(pipe, reward, tmp_path):
