@@ -120,6 +120,7 @@ def guided_vs_unguided(
         # The window's axis: the fraction of the unshifted schedule (UniPC shift 3 here); the last point is the
         # final latent.
         progress = list(trace0.progress) + [1.0]
+        ax.axvspan(start, end, color="tab:orange", alpha=0.08, label="guidance window")
         for name, style in (("unguided", "--"), ("guided", "-")):
             ax.plot(progress, curves[name] + [finals[name]], style, marker="o", label=name)
         ax.set_title("reward guidance on a tiny Wan: R_dist of x0_hat per step, then of the output")

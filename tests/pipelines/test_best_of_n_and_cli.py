@@ -238,6 +238,9 @@ def test_demo_section_guided_beats_unguided(pipe, reward, tmp_path):
     res = section["results"]
     assert all(g < u for g, u in zip(res["r_dist_guided"], res["r_dist_unguided"]))
     assert res["checks"]["guidance_lowers_r_dist_every_seed"]
+    assert res["window"] == [0.0, 0.8] and res["guided_steps"] == 4  # 4 steps at 0, 0.25, 0.5, 0.75
+    narrow = guided_vs_unguided(ctx, seeds=(0,), steps=4, start=0.3, end=0.6, pipe=pipe)["results"]
+    assert narrow["guided_steps"] == 1 and narrow["r_dist_guided"][0] < narrow["r_dist_unguided"][0]
     assert any("guidance lowers" in line for line in section["lines"]) and len(section["panels"]) == 1
     with pytest.raises(ConfigError, match="manifold"):
         guided_vs_unguided(SimpleNamespace(reward_path=None), pipe=pipe)
