@@ -111,3 +111,17 @@ def test_dynamic_shifting_uses_the_mu_given_to_set_timesteps(pipe, reward):
         # The unshifted grids the schedulers shift: Euler's linspace(1, 0.001, 10), UniPC's 1 - 0.999 i / 10.
         step = 0.999 / 9 if isinstance(dynamic, FlowMatchEulerDiscreteScheduler) else 0.0999
         assert progress == pytest.approx([step * i for i in range(10)], abs=1e-5)
+
+
+def test_trace_of_one_sample_keeps_the_progress(pipe, reward):
+    """``RewardTrace.select``: one video of a batch (what best-of-N keeps per candidate), progress included."""
+    from latent_rewards.rewards.guidance import RewardTrace
+
+    pipe.load_latent_reward(reward)
+    out = pipe(**{**CALL, "prompt": ["a", "b"]}, generator=[gen(0), gen(1)], output_type="latent",
+               reward_guidance_scale=0.05, reward_guidance_end=0.5)
+    whole, second = out.reward_trace, out.reward_trace.select([1])
+    assert second.rewards == [r[1:] for r in whole.rewards]
+    assert second.step_rms == [s[1:] for s in whole.step_rms] and second.guided == whole.guided
+    assert second.progress == whole.progress and second.sigmas == whole.sigmas
+    assert RewardTrace(**second.as_dict()) == second  # JSON round trip (best-of-N caches and the CLI report)
