@@ -24,8 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "predicted clean latent inside a window of the schedule) and/or chosen best-of-N by that reward. "
             "Writes seed-<SEED>.mp4 (the best candidate; all of them with --save-all) and generation.json with "
             "every candidate's reward, metrics and per-step trace plus the exact settings. Finished candidates are "
-            "kept in OUT/candidates, so re-running the same command resumes. `--model tiny` runs a tiny random "
-            "model offline on CPU (a smoke test: its videos are noise)."
+            "kept in OUT/candidates, so re-running the same command resumes; they are keyed by the settings, the "
+            "reward's content and the model's revision, so a replaced reward or model is regenerated, not reused. "
+            "`--model tiny` runs a tiny random model offline on CPU (a smoke test: its videos are noise)."
         ),
     )
     p.add_argument("--model", default=DEFAULT_WAN_MODEL,
