@@ -222,10 +222,7 @@ def best_of_n(
             metrics[i] = {k: float(v[j]) for k, v in m.items()}
             rewards[i] = metrics[i]["reward"]
             if trace is not None:
-                traces[i] = RewardTrace(
-                    sigmas=list(trace.sigmas), rewards=[r[j : j + 1] for r in trace.rewards],
-                    step_rms=[s[j : j + 1] for s in trace.step_rms], guided=list(trace.guided),
-                )
+                traces[i] = trace.select([j])
             if cache is not None:
                 _save_candidate(
                     _candidate_folder(cache, seeds[i]), cache_key, seeds[i], latents_all[i], rewards[i], metrics[i],

@@ -14,7 +14,7 @@ from diffusers import WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..rewards.errors import CheckpointError, ConfigError
-from ..trainer.devices import resolve_device
+from ..rewards.devices import resolve_device
 from . import DEFAULT_WAN_MODEL
 from .guidance_mixin import RewardGuidanceMixin, reward_output_class
 

@@ -69,3 +69,42 @@ def test_each_command_explains_itself(command):
     sub = next(a for a in parser._actions if a.dest == "command")
     help_text = sub.choices[command].format_help()
     assert len(help_text) > 200 and "usage: latent-rewards " + command in help_text
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports, with relative imports resolved against the package layout."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ["latent_rewards", *path.relative_to(ROOT).parent.parts]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                found.add(".".join(base + ([node.module] if node.module else [])))
+            else:
+                found.add(node.module or "")
+    return found
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("rewards", ("diffusers", "comfy", "comfy_api", "folder_paths", "accelerate", "gradio", "peft",
+                     "latent_rewards.pipelines", "latent_rewards.nodes", "latent_rewards.trainer")),
+        ("pipelines", ("comfy", "comfy_api", "folder_paths", "latent_rewards.nodes", "latent_rewards.trainer")),
+        ("trainer", ("comfy", "comfy_api", "folder_paths", "latent_rewards.nodes")),
+        ("nodes", ("latent_rewards.trainer",)),
+    ],
+)
+def test_dependencies_point_down_only(layer, forbidden):
+    """ARCHITECTURE: rewards/ is the pure core; pipelines/ and nodes/ adapt it; trainer/ never imports nodes/."""
+    bad = []
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        for name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, bad

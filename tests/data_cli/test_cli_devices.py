@@ -7,7 +7,7 @@ import torch
 
 from latent_rewards.rewards.errors import ConfigError
 from latent_rewards.trainer.cli import main
-from latent_rewards.trainer.devices import available_devices, resolve_device
+from latent_rewards.rewards.devices import available_devices, resolve_device
 
 #: A CUDA device this machine does not have (cuda:0 on a CPU-only torch, cuda:N past the last GPU otherwise).
 MISSING_CUDA = f"cuda:{torch.cuda.device_count()}"

@@ -224,7 +224,7 @@ def test_generate_cli_bad_input_is_one_line_exit_2(reward, tmp_path, capsys, ext
 
 def test_generate_uses_the_shared_device_resolver():
     from latent_rewards.pipelines.wan import resolve_device
-    from latent_rewards.trainer.devices import resolve_device as shared
+    from latent_rewards.rewards.devices import resolve_device as shared
 
     assert resolve_device is shared
 

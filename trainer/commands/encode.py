@@ -50,7 +50,7 @@ def resolve_device_dtype(device: str | None, dtype: str):
     """
     import torch
 
-    from ..devices import resolve_device
+    from ...rewards.devices import resolve_device
 
     dev = resolve_device(device)
     if dtype == "auto":

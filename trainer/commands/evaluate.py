@@ -55,7 +55,7 @@ def evaluate_sets(real_rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]
 
 def run(args: argparse.Namespace) -> int:
     from ...rewards.hub import atomic_write_text, load_reward
-    from ..devices import resolve_device
+    from ...rewards.devices import resolve_device
     from ..report import plot_histograms, save_panels
     from .score import format_rows, score_files
 

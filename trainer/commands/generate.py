@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ...rewards.guidance import DEFAULT_GUIDANCE_END, DEFAULT_GUIDANCE_START
+
 #: Defaults that depend on the model: (steps, frames, height, width).
 _REAL_DEFAULTS = (50, 81, 480, 832)
 _TINY_DEFAULTS = (4, 9, 64, 64)
@@ -38,12 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=0.0,
                    help="reward guidance step per guided step, in latent-std units with rms normalisation "
                         "(0 = off, the reward only scores; try 0.02-0.1)")
-    g.add_argument("--guidance-start", type=float, default=0.0,
+    g.add_argument("--guidance-start", type=float, default=DEFAULT_GUIDANCE_START,
                    help="window start: fraction of the sampling schedule (0 = first step, 1 = last), measured like "
                         "ComfyUI's start/end percent; in [0, 1] and <= --guidance-end (default 0)")
-    g.add_argument("--guidance-end", type=float, default=1.0,
+    g.add_argument("--guidance-end", type=float, default=DEFAULT_GUIDANCE_END,
                    help="window end: fraction of the sampling schedule (0 = first step, 1 = last), measured like "
-                        "ComfyUI's start/end percent; in [0, 1] (default 1)")
+                        f"ComfyUI's start/end percent; in [0, 1] (default {DEFAULT_GUIDANCE_END}: the last, low-noise "
+                        "steps are left to the model)")
     g.add_argument("--guidance-mode", choices=["cheap", "exact"], default="cheap",
                    help="cheap: gradient at x0_hat (~free); exact: through the transformer (~3x a step)")
     g.add_argument("--guidance-normalize", choices=["rms", "none"], default="rms",
@@ -222,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from ...pipelines.video import write_video
     from ...pipelines.wan import load_wan_pipeline, resolve_dtype
     from ...rewards.hub import atomic_write_text, load_reward
-    from ..devices import resolve_device
+    from ...rewards.devices import resolve_device
 
     settings = _settings(args)  # bad sizes, windows and scales fail before anything is loaded
     device = resolve_device(args.device)

@@ -120,7 +120,7 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ...rewards.hub import load_reward
-    from ..devices import resolve_device
+    from ...rewards.devices import resolve_device
 
     device = resolve_device(args.device)  # a bad --device fails before anything is loaded
     reward = load_reward(args.reward)

@@ -1,4 +1,5 @@
 """One ``--device`` resolver for every command (encode, score, evaluate, generate) and the Wan pipeline loader.
+It lives in the core so that both ``pipelines/`` and ``trainer/`` can use it (dependencies point down only).
 
 Pure PyTorch (no diffusers import), so the CLI can check a device before loading any model, and a bad value is
 one :class:`ConfigError` line that names the devices this machine has, never a traceback from deep inside torch.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rewards.errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["available_devices", "resolve_device"]
 
