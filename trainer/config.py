@@ -46,10 +46,13 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "parse_section",
+    "check_lora_target",
     "BUILTIN_CONFIGS",
     "builtin_config_path",
     "DEFAULT_MODEL",
     "DEFAULT_PROMPTS",
+    "ACCELERATE_FSDP_CONFIG",
+    "WAN_LORA_MODULES",
     "read_prompts",
 ]
 
@@ -58,7 +61,25 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: The prompt set shipped with the package (``prompts: default``).
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.txt"
 #: Names accepted instead of a path, e.g. ``latent-rewards train tiny-cpu``.
-BUILTIN_CONFIGS = ("shell_lcc_wan1.3b", "shell_lcc_wan14b_band", "tiny-cpu")
+BUILTIN_CONFIGS = ("shell_lcc_wan1.3b", "shell_lcc_wan1.3b_lora", "shell_lcc_wan14b_band", "tiny-cpu")
+#: An accelerate config for sharding the transformer with FSDP (``accelerate launch --config_file ...``).
+ACCELERATE_FSDP_CONFIG = CONFIG_DIR / "accelerate_fsdp.yaml"
+
+#: The layers of diffusers' ``WanTransformer3DModel`` that LoRA can adapt (its ``nn.Linear`` modules; ``*`` is a
+#: block index). ``add_k_proj``/``add_v_proj`` and ``image_embedder`` exist only in image-to-video checkpoints.
+#: Known statically so that a bad ``lora.targets`` fails before any model is loaded; a test builds the model on
+#: the meta device and checks this list against it.
+WAN_LORA_MODULES = (
+    "blocks.*.attn1.to_q", "blocks.*.attn1.to_k", "blocks.*.attn1.to_v", "blocks.*.attn1.to_out.0",
+    "blocks.*.attn2.to_q", "blocks.*.attn2.to_k", "blocks.*.attn2.to_v", "blocks.*.attn2.to_out.0",
+    "blocks.*.attn2.add_k_proj", "blocks.*.attn2.add_v_proj",
+    "blocks.*.ffn.net.0.proj", "blocks.*.ffn.net.2",
+    "condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_2",
+    "condition_embedder.time_proj",
+    "condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_2",
+    "condition_embedder.image_embedder.ff.net.0.proj", "condition_embedder.image_embedder.ff.net.2",
+    "proj_out",
+)
 
 
 def builtin_config_path(name: str) -> Path:
@@ -79,12 +100,37 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         _positive(self.rank, f"{path}.rank", integer=True)
         _positive(self.alpha, f"{path}.alpha")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{path}.dropout: expected a number in [0, 1), got {self.dropout}")
         if not self.targets or not all(t.strip() for t in self.targets):
             raise ConfigError(f"{path}.targets: expected a non-empty list of module names, e.g. [to_q, to_k]")
+        for target in self.targets:
+            check_lora_target(target, f"{path}.targets")
+
+
+def _lora_target_matches(target: str, module: str) -> bool:
+    """peft's rule for a list of targets (the module name equals the target or ends with ``.target``), with ``*``
+    in ``module`` standing for any block index."""
+    t, m = target.split("."), module.split(".")
+    return len(t) <= len(m) and all(a == b or (b == "*" and a.isdigit()) for a, b in zip(t, m[len(m) - len(t):]))
+
+
+def check_lora_target(target: str, field_name: str = "lora.targets") -> None:
+    """Raise :class:`ConfigError` unless ``target`` names at least one Linear layer of the Wan2.1 transformer."""
+    if any(_lora_target_matches(target, m) for m in WAN_LORA_MODULES):
+        return
+    suffixes = sorted({".".join(m.split(".")[-k:]) for m in WAN_LORA_MODULES for k in (1, 2, 3)})
+    suffixes = [s for s in suffixes if "*" not in s]
+    close = difflib.get_close_matches(target, suffixes, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"{field_name}: {target!r} is not a Linear layer of the Wan2.1 transformer{hint} (targets are module-name "
+        "suffixes of diffusers' WanTransformer3DModel: to_q, to_k, to_v, to_out.0, attn1.to_q (self-attention "
+        "only), attn2.to_k (cross-attention only), ffn.net.0.proj, ffn.net.2, proj_out, ...)"
+    )
 
 
 @dataclass
@@ -100,6 +146,7 @@ class RewardSettings:
     chunk_size: int | None = None
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         if not self.path:
             raise ConfigError(
                 f"{path}.path: required; a reward folder or Hub id, e.g. reward.path=runs/manifold "
@@ -125,6 +172,7 @@ class VideoSettings:
     num_frames: int = 17
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         for name in ("height", "width"):
             v = getattr(self, name)
             _positive(v, f"{path}.{name}", integer=True)
@@ -150,6 +198,7 @@ class OptimizerSettings:
     warmup_steps: int = 0
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         _positive(self.lr, f"{path}.lr")
         if self.weight_decay < 0:
             raise ConfigError(f"{path}.weight_decay: expected >= 0, got {self.weight_decay}")
@@ -180,6 +229,7 @@ class ValidationSettings:
     num_frames: int | None = None
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         if self.every < 0:
             raise ConfigError(f"{path}.every: expected >= 0 (0 disables validation), got {self.every}")
         _positive(self.num_videos, f"{path}.num_videos", integer=True)
@@ -212,6 +262,7 @@ class MonitorSettings:
     max_frames: int = 16
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         if self.patience < 0:
             raise ConfigError(f"{path}.patience: expected >= 0, got {self.patience}")
         _positive(self.max_hf_over_lap, f"{path}.max_hf_over_lap")
@@ -233,6 +284,7 @@ class LoggingSettings:
     project: str = "latent-rewards"
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         _positive(self.log_every, f"{path}.log_every", integer=True)
 
 
@@ -245,6 +297,7 @@ class HubSettings:
     push_at_end: bool = False
 
     def validate(self, path: str) -> None:
+        """Raise :class:`ConfigError` naming the field (``<path>.<field>``) if a value is out of range."""
         from ..rewards.hub import looks_like_repo_id
 
         if self.repo_id is not None and not looks_like_repo_id(self.repo_id):
@@ -323,13 +376,16 @@ class TrainConfig:
     # The recipe/rollout are resolved through registries; these return their typed settings.
     @property
     def method_settings(self) -> Any:
+        """The recipe's typed settings (the dataclass its ``settings_class`` names)."""
         return self.method.settings
 
     @property
     def rollout_settings(self) -> Any:
+        """The rollout strategy's typed settings."""
         return self.rollout.settings
 
     def validate(self, path: str = "") -> None:
+        """Check every field (types were checked while parsing); raise :class:`ConfigError` naming the first bad one."""
         if not self.name.strip() or any(c in self.name for c in "/\\:"):
             raise ConfigError(f"name: expected a file-name-safe run name, got {self.name!r}")
         if not self.model.strip():
@@ -361,9 +417,13 @@ class TrainConfig:
             getattr(self, name).validate(name)
         _check_reward_reference(self.reward)
 
-    def resolved_weight_dtype(self) -> str:
+    def resolved_weight_dtype(self, *, sharded: bool = False) -> str:
+        """dtype of the transformer's weights: ``weight_dtype``, else bf16/fp16 for a LoRA's frozen base under
+        mixed precision, else fp32. ``sharded`` (FSDP): fp32, the master weights FSDP shards and casts itself."""
         if self.weight_dtype is not None:
             return self.weight_dtype
+        if sharded:
+            return "fp32"
         if self.finetune == "lora" and self.mixed_precision in ("bf16", "fp16"):
             return self.mixed_precision
         return "fp32"

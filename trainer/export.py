@@ -18,6 +18,7 @@ file holds the whole transformer in original Wan names. Everything is written in
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,9 @@ __all__ = [
     "save_adapter",
     "write_model_card",
     "model_card",
+    "usage_section",
+    "set_card_repo_id",
+    "LOCAL_LOCATION",
     "save_training_state",
     "load_training_state",
     "list_checkpoints",
@@ -48,6 +52,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def comfyui_file_name(name: str) -> str:
+    """File name of the ComfyUI-format weights of run ``name`` (``<name>_comfyui.safetensors``)."""
     return f"{name}_comfyui.safetensors"
 
 
@@ -57,9 +62,16 @@ def lora_state_dict(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
 
     ``state`` is the transformer's full state dict when it had to be gathered (FSDP); default: the module's own.
     """
-    from peft.utils import get_peft_model_state_dict
+    if state is None:
+        from peft.utils import get_peft_model_state_dict
 
-    lora = get_peft_model_state_dict(transformer, state_dict=state)
+        lora = get_peft_model_state_dict(transformer)
+    else:
+        # A gathered state dict: select the adapter's weights by name. (peft finds them by walking the module tree,
+        # whose names carry FSDP1's `_fsdp_wrapped_module.` segments inside wrapped blocks, and then misses them.)
+        adapter = re.escape(next(iter(transformer.peft_config)))
+        pattern = re.compile(rf"^(.+)\.(lora_A|lora_B)\.{adapter}\.weight$")
+        lora = {f"{m[1]}.{m[2]}.weight": v for k, v in state.items() if (m := pattern.match(k))}
     return {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
 
 
@@ -103,6 +115,7 @@ def save_adapter(
 
 # ------------------------------------------------------------------------------------------------ model card
 def _fmt(v: Any) -> str:
+    """A card cell: ``-`` for missing, 4 significant digits for floats."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -110,8 +123,86 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def model_card(info: dict[str, Any]) -> str:
-    """A Hub model card (``README.md``) from what the trainer knows: config, reward, step, metrics, history."""
+#: Where a local card's usage snippets point; :func:`set_card_repo_id` puts the Hub repo id there on push.
+LOCAL_LOCATION = "path/to/this/folder"
+_USAGE_BEGIN = "<!-- latent-rewards:usage -->"
+_USAGE_END = "<!-- /latent-rewards:usage -->"
+_DEFAULT_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def _hub_id(ref: str | None) -> str | None:
+    """``ref`` if it names a Hub repository (not a local folder, not the tiny test model), else None."""
+    from ..rewards.hub import looks_like_repo_id
+
+    if not ref or ref == "tiny" or Path(ref).expanduser().exists():
+        return None
+    return ref if looks_like_repo_id(ref) else None
+
+
+def _reward_line(reward: dict[str, Any]) -> str:
+    """The reward as a reader elsewhere can find it: its Hub id, or a local folder's name marked as such."""
+    path = reward.get("path")
+    hub = _hub_id(path)
+    if hub is not None:
+        rev = f" (revision `{reward['revision']}`)" if reward.get("revision") else ""
+        return f"[`{hub}`](https://huggingface.co/{hub}){rev}"
+    name = Path(str(path)).expanduser().name or str(path)
+    return f"`{name}` (a local reward folder at training time, not published on the Hub)"
+
+
+def usage_section(cfg: dict[str, Any], location: str | None = None) -> str:
+    """The card's "Use with diffusers" / "Use in ComfyUI" sections for the adapter at ``location`` (a Hub repo id;
+    None: a local folder), between markers so that :func:`set_card_repo_id` can rewrite them."""
+    name, model, finetune = cfg["name"], cfg["model"], cfg["finetune"]
+    comfy = comfyui_file_name(name)
+    where = location or LOCAL_LOCATION
+    base = _hub_id(model) or _DEFAULT_BASE
+    base_note = "" if _hub_id(model) or model == "tiny" else f"  # trained on a local copy: {Path(model).name}"
+    if finetune == "lora":
+        diffusers_use = f"""```python
+import torch
+from diffusers import WanPipeline
+
+pipe = WanPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda"){base_note}
+pipe.load_lora_weights("{where}")   # reads {LORA_WEIGHTS_NAME}
+video = pipe("a cat grooming its fur on a sunny windowsill", num_frames=81, guidance_scale=5.0).frames[0]
+```"""
+        if location:
+            fetch = (f"Download `{comfy}` into `ComfyUI/models/loras/` (`hf download {location} {comfy} "
+                     "--local-dir ComfyUI/models/loras`)")
+            pack = f"or use the **Latent Reward LoRA Loader** node with `repo_id` set to `{location}/{comfy}`"
+        else:
+            fetch = f"Copy `{comfy}` to `ComfyUI/models/loras/`"
+            pack = f"or the **Latent Reward LoRA Loader** node, which also reads `{LORA_WEIGHTS_NAME}` and Hub ids"
+        comfy_use = (
+            f"{fetch} and apply it with **LoraLoaderModelOnly** (strength 1.0) on the Wan2.1 diffusion model, {pack}."
+        )
+    else:
+        diffusers_use = f"""```python
+from diffusers import WanPipeline, WanTransformer3DModel
+
+transformer = WanTransformer3DModel.from_pretrained("{where}", subfolder="transformer")
+pipe = WanPipeline.from_pretrained("{base}", transformer=transformer){base_note}
+```"""
+        fetch = (f"Download `{comfy}` (`hf download {location} {comfy} --local-dir ComfyUI/models/diffusion_models`)"
+                 if location else f"Copy `{comfy}` to `ComfyUI/models/diffusion_models/`")
+        comfy_use = f"{fetch} and load it with **Load Diffusion Model**."
+    return f"""{_USAGE_BEGIN}
+## Use with diffusers
+
+{diffusers_use}
+
+## Use in ComfyUI
+
+{comfy_use}
+{_USAGE_END}"""
+
+
+def model_card(info: dict[str, Any], repo_id: str | None = None) -> str:
+    """A Hub model card (``README.md``) from what the trainer knows: config, reward, step, metrics, history.
+
+    ``repo_id``: where the adapter is published (usage snippets load it from there); None for a local folder.
+    """
     cfg = info["config"]
     name = cfg["name"]
     model = cfg["model"]
@@ -119,8 +210,11 @@ def model_card(info: dict[str, Any]) -> str:
     reward = cfg["reward"]
     method = cfg["method"]
     rollout = cfg["rollout"]
-    comfy = comfyui_file_name(name)
-    base_line = f"base_model: {model}\n" if model != "tiny" else ""
+    base_id = _hub_id(model)
+    base_line = f"base_model: {base_id}\n" if base_id else ""
+    model_line = f"`{base_id}`" if base_id else (
+        "`tiny` (the deterministic random test model)" if model == "tiny" else f"`{Path(model).name}` (a local folder)"
+    )
     history = info.get("history") or []
     rows = "\n".join(
         f"| {h['step']} | {_fmt(h.get('reward'))} | {_fmt(h.get('r_dist'))} | {_fmt(h.get('lap_ratio'))} | "
@@ -142,28 +236,6 @@ def model_card(info: dict[str, Any]) -> str:
     stop = info.get("stop_reason")
     real_radius = cfg["monitor"]["real_radius"]
     radius = f"`{real_radius}`" if real_radius is not None else "not set: check skipped"
-    if finetune == "lora":
-        diffusers_use = f"""```python
-import torch
-from diffusers import WanPipeline
-
-pipe = WanPipeline.from_pretrained("{model if model != 'tiny' else 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("THIS_REPO_OR_FOLDER")   # reads {LORA_WEIGHTS_NAME}
-video = pipe("a cat grooming its fur on a sunny windowsill", num_frames=81, guidance_scale=5.0).frames[0]
-```"""
-        comfy_use = (
-            f"Copy `{comfy}` to `ComfyUI/models/loras/` and apply it with **LoraLoaderModelOnly** (strength 1.0) on "
-            "the Wan2.1 diffusion model, or with the **Latent Rewards LoRA Loader** node, which also reads "
-            f"`{LORA_WEIGHTS_NAME}` and Hub ids."
-        )
-    else:
-        diffusers_use = """```python
-from diffusers import WanPipeline, WanTransformer3DModel
-
-transformer = WanTransformer3DModel.from_pretrained("THIS_REPO_OR_FOLDER", subfolder="transformer")
-pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", transformer=transformer)
-```"""
-        comfy_use = f"Copy `{comfy}` to `ComfyUI/models/diffusion_models/` and load it with **Load Diffusion Model**."
     return f"""---
 {base_line}library_name: diffusers
 pipeline_tag: text-to-video
@@ -187,8 +259,8 @@ reward-hacking rule: **{_fmt(best)}**.{f' {stop}.' if stop else ''}
 
 ## Recipe
 
-- base model: `{model}`
-- reward: `{reward.get('path')}`, mode {mode}{tau}
+- base model: {model_line}
+- reward: {_reward_line(reward)}, mode {mode}{tau}
 - rollout: `{rollout.get('kind')}` ({', '.join(f'{k} {v}' for k, v in rollout.items() if k != 'kind')})
 - method: {', '.join(f'{k} {v}' for k, v in method.items() if k != 'name') or 'defaults'}
 - optimizer: {opt['name']}, lr {opt['lr']}, weight decay {opt['weight_decay']}, schedule {opt['scheduler']}, grad clip {cfg['max_grad_norm']}
@@ -208,18 +280,34 @@ the unflagged one with the highest validation reward. Look at the videos before 
 |---|---|---|---|---|---|---|
 {rows}
 
-## Use with diffusers
-
-{diffusers_use}
-
-## Use in ComfyUI
-
-{comfy_use}
+{usage_section(cfg, repo_id)}
 """
 
 
-def write_model_card(folder: Path, info: dict[str, Any]) -> None:
-    (folder / "README.md").write_text(model_card(info), encoding="utf-8")
+def write_model_card(folder: Path, info: dict[str, Any], repo_id: str | None = None) -> None:
+    """Write :func:`model_card` as ``folder/README.md``."""
+    (folder / "README.md").write_text(model_card(info, repo_id), encoding="utf-8")
+
+
+def set_card_repo_id(folder: Path, repo_id: str) -> None:
+    """Point the usage sections of ``folder/README.md`` at the Hub repo ``repo_id`` (the rest of the card, edits
+    included, is kept). The sections are rebuilt from ``folder/training_config.yaml``."""
+    import yaml
+
+    card_path = folder / "README.md"
+    card = card_path.read_text(encoding="utf-8")
+    begin, end = card.find(_USAGE_BEGIN), card.find(_USAGE_END)
+    if begin < 0 or end < begin:
+        raise CheckpointError(
+            f"{card_path}: no usage section to point at {repo_id} (expected the {_USAGE_BEGIN} markers of a "
+            "latent-rewards model card)"
+        )
+    try:
+        cfg = yaml.safe_load((folder / "training_config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{folder}: cannot read training_config.yaml for the model card ({e})") from None
+    card = card[:begin] + usage_section(cfg, repo_id) + card[end + len(_USAGE_END):]
+    card_path.write_text(card, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ training state
@@ -287,6 +375,7 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest resumable ``checkpoint-<step>`` folder of a run (one with a training state), or None."""
     cks = [p for _, p in list_checkpoints(output_dir) if (p / TRAINING_STATE_DIR / "trainer_state.json").is_file()]
     return cks[-1] if cks else None
 

@@ -145,7 +145,21 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _float(v: Any) -> float:
+    if hasattr(v, "full_tensor"):  # a DTensor (FSDP2's gradient norm)
+        v = v.full_tensor()
     return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _check_targets_present(transformer: torch.nn.Module, targets: list[str], model: str) -> None:
+    """Each LoRA target must match a layer of this checkpoint (the config check knows every Wan layout; an
+    image-to-video layer such as add_k_proj is absent from text-to-video models)."""
+    names = [n for n, _ in transformer.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise ConfigError(
+                f"lora.targets: {t!r} matches no layer of {model!r} (add_k_proj, add_v_proj and image_embedder "
+                "exist only in image-to-video Wan models)"
+            )
 
 
 class Trainer:
@@ -223,7 +237,15 @@ class Trainer:
         if not self.main:  # one process reports; the others only warn
             logger.setLevel(logging.WARNING)
         self.device = acc.device
-        self.weight_dtype = DTYPES[cfg.resolved_weight_dtype()]
+        self.fsdp = self._fsdp_version()
+        # Recipe and rollout (cheap objects; the recipe may ask for more texts to encode), then the reward, checked
+        # against them and the config before any part of the generator is loaded or any prompt encoded.
+        rollout = build_rollout(cfg.rollout.kind, cfg.rollout.settings)
+        self.recipe = build_method(cfg.method.name, cfg.method.settings, rollout)
+        self._check_distributed_mode()
+        self.weight_dtype = DTYPES[cfg.resolved_weight_dtype(sharded=bool(self.fsdp))]
+        self.reward = self._load_reward()
+        logger.info("%s", self._distributed_summary())
         if self.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._remove_partial_writes()
@@ -235,9 +257,6 @@ class Trainer:
         val_source = read_prompts(vs.prompts) if vs.prompts else self.train_prompts
         self.val_prompts = [val_source[i % len(val_source)] for i in range(vs.num_videos)]
         self.use_cfg = vs.guidance_scale > 1.0
-        # Recipe and rollout (cheap objects; the recipe may ask for more texts to encode).
-        rollout = build_rollout(cfg.rollout.kind, cfg.rollout.settings)
-        self.recipe = build_method(cfg.method.name, cfg.method.settings, rollout)
         self.cache = TextEmbeddingCache(
             cfg.model, cfg.revision, cache_dir=cfg.text_cache_dir, max_sequence_length=cfg.max_sequence_length
         )
@@ -248,19 +267,6 @@ class Trainer:
         if n:
             logger.info("encoded %d prompts into %s", n, self.cache.cache_dir)
 
-        # Reward: frozen, fp32, in the generator's latent space.
-        from ..rewards.hub import load_reward
-
-        reward = load_reward(cfg.reward.path, revision=cfg.reward.revision, map_location="cpu")
-        reward.expect_latent_space("wan2.1")
-        if cfg.reward.mode is not None:
-            if not hasattr(reward, "set_reward_mode"):
-                raise ConfigError(f"reward.mode: the {reward.kind} reward has no reward modes; leave reward.mode null")
-            reward.set_reward_mode(cfg.reward.mode, cfg.reward.tau)
-        if cfg.reward.chunk_size is not None and hasattr(reward, "chunk_size"):
-            reward.chunk_size = cfg.reward.chunk_size
-        self.reward = reward.float().to(self.device).freeze()
-
         # Transformer: frozen base + LoRA (fp32 adapters), or every weight for a full fine-tune.
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
         transformer = load_transformer(cfg.model, cfg.revision, dtype=self.weight_dtype)
@@ -268,6 +274,7 @@ class Trainer:
         if cfg.finetune == "lora":
             from peft import LoraConfig
 
+            _check_targets_present(transformer, cfg.lora.targets, cfg.model)
             lc = LoraConfig(
                 r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                 target_modules=list(cfg.lora.targets), init_lora_weights=True,
@@ -301,12 +308,17 @@ class Trainer:
         )
         self.model, self.optimizer = acc.prepare(transformer, optimizer)
         self.transformer = acc.unwrap_model(self.model)
+        # Every forward goes through `forward_model`. Under FSDP the unwrapped module's parameters are shards, so
+        # gradient-free calls, the LoRA-disabled reference and validation all use the FSDP module, which gathers
+        # each block's weights for its forward. Under DDP, gradient-free calls skip the wrapper so its reducer
+        # only sees passes that backpropagate. (FSDP2 shards the module in place: both names are one object.)
+        self.forward_model = self.model if self.fsdp else self.transformer
 
         shape = latent_shape(1, cfg.video.num_frames, cfg.video.height, cfg.video.width)
         self.random = RolloutRandom.from_seed(cfg.seed, acc.process_index)
         self.data_generator = torch.Generator().manual_seed(cfg.seed * 7919 + 1 + acc.process_index)
         self.ctx = RecipeContext(
-            denoiser=TransformerDenoiser(self.model, self.transformer, dtype=self.weight_dtype, reference=reference),
+            denoiser=TransformerDenoiser(self.model, self.forward_model, dtype=self.weight_dtype, reference=reference),
             reward=self.reward, random=self.random, sample_shape=shape[1:], device=self.device,
             accelerator=acc, config=cfg,
             text_embeds=lambda prompts: self.cache.batch(prompts, device=self.device, dtype=self.weight_dtype),
@@ -347,12 +359,13 @@ class Trainer:
         """The frozen base model's velocity: the same module with LoRA disabled, or a frozen copy (full)."""
         if self.config.finetune == "lora":
             def reference(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-                self.transformer.disable_adapters()
+                self.transformer.disable_adapters()  # peft's switch, on the (possibly sharded) modules themselves
                 try:
-                    return self.ctx.denoiser._call(self.transformer, x, sigma, text)
+                    return self.ctx.denoiser._call(self.forward_model, x, sigma, text)
                 finally:
                     self.transformer.enable_adapters()
             return reference
+        # Not under FSDP (refused in _check_distributed_mode): the copy would be whole on every process.
         frozen = copy.deepcopy(transformer).requires_grad_(False).eval().to(self.device)
         if self.config.gradient_checkpointing:
             frozen.disable_gradient_checkpointing()
@@ -398,21 +411,81 @@ class Trainer:
 
         return self.acc.distributed_type == DistributedType.FSDP
 
+    def _fsdp_version(self) -> int:
+        """0 without FSDP, else accelerate's FSDP version (1: FullyShardedDataParallel, 2: fully_shard)."""
+        if not self._is_fsdp():
+            return 0
+        return int(getattr(self.acc.state.fsdp_plugin, "fsdp_version", 1) or 1)
+
+    def _distributed_summary(self) -> str:
+        acc = self.acc
+        mode = f"FSDP{self.fsdp}" if self.fsdp else str(acc.distributed_type).rsplit(".", 1)[-1]
+        return f"distributed: {mode}, {acc.num_processes} process(es), device {acc.device}"
+
+    def _check_distributed_mode(self) -> None:
+        """Refuse, before any model is loaded, the settings a sharded (FSDP) run cannot honour."""
+        if not self.fsdp:
+            return
+        cfg = self.config
+        if cfg.weight_dtype not in (None, "fp32"):
+            raise ConfigError(
+                f"weight_dtype: {cfg.weight_dtype} is not supported under FSDP, which shards fp32 master weights and "
+                "computes in the precision of mixed_precision itself; leave weight_dtype null (or fp32)"
+            )
+        if cfg.finetune == "full" and self.recipe.needs_reference():
+            raise ConfigError(
+                "method: KL / anti-drift need the frozen base model; for finetune=full under FSDP that is an unsharded "
+                "copy of the whole transformer on every process. Use finetune=lora (the reference is then the same "
+                "sharded model with its adapters disabled) or set method.kl_weight=0 and method.anti_drift_weight=0"
+            )
+
+    def _load_reward(self) -> Any:
+        """The frozen fp32 reward, on the device; its folder/Hub id, kind, latent space and reward mode are checked
+        against the config and the recipe here, before the text encoder or the transformer is loaded."""
+        from ..rewards.errors import LatentRewardsError
+        from ..rewards.hub import load_reward
+
+        cfg = self.config
+        try:
+            reward = load_reward(cfg.reward.path, revision=cfg.reward.revision, map_location="cpu")
+            reward.expect_latent_space("wan2.1")
+        except LatentRewardsError as e:
+            if str(e).startswith("reward."):
+                raise
+            raise type(e)(f"reward.path: {cfg.reward.path}: {e}") from None
+        if cfg.reward.mode is not None:
+            if not hasattr(reward, "set_reward_mode"):
+                raise ConfigError(f"reward.mode: the {reward.kind} reward has no reward modes; leave reward.mode null")
+            reward.set_reward_mode(cfg.reward.mode, cfg.reward.tau)
+        if cfg.reward.chunk_size is not None and hasattr(reward, "chunk_size"):
+            reward.chunk_size = cfg.reward.chunk_size
+        self.recipe.check_reward(reward)
+        return reward.float().to(self.device).freeze()
+
+    def _gather_options(self) -> Any:
+        """How sharded state is gathered: whole tensors, moved to host memory on an accelerator (then only rank 0
+        receives them). On a CPU run they already are in host memory, and FSDP1's offload of CPU tensors crashes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.device.type != "cpu")
+
     def _full_state(self) -> dict[str, torch.Tensor]:
         """The transformer's full state dict (gathered across processes under FSDP; every process must call)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.model, options=self._gather_options())
         return self.acc.get_state_dict(self.model)
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self._is_fsdp():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            return get_optimizer_state_dict(
-                self.model, self.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
+            return get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=self._gather_options())
         return self.optimizer.state_dict()
 
     def _load_optimizer_state(self, state: dict[str, Any]) -> None:
-        if self._is_fsdp():
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(
@@ -440,7 +513,7 @@ class Trainer:
         missing = sorted(set(self.trainable_names) - set(trainable))
         if missing:
             raise CheckpointError(f"{ckpt}: trainable weights missing from the checkpoint: {missing[:6]}")
-        if self._is_fsdp():  # sharded parameters: let torch scatter the full tensors
+        if self.fsdp:  # sharded parameters: let torch scatter the full tensors
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(self.model, {n: trainable[n] for n in self.trainable_names},
@@ -541,7 +614,8 @@ class Trainer:
             self.vae = load_vae(self.config.model, self.config.revision)
             self.val_scheduler = load_scheduler(self.config.model, self.config.revision)
         pipe = WanPipeline(
-            tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.val_scheduler, transformer=self.transformer
+            tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.val_scheduler,
+            transformer=self.forward_model,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -551,9 +625,9 @@ class Trainer:
         """Validation latents ``[N, C, T, H, W]`` (normalised) and decoded uint8 videos, at fixed seeds."""
         vs = self.config.validation
         h, w, f = self._validation_size()
-        pipe = self._pipeline()
-        was_training = self.transformer.training
-        self.transformer.eval()
+        pipe = self._pipeline()  # every process samples the same videos: under FSDP each forward is collective
+        was_training = self.forward_model.training
+        self.forward_model.eval()
         if base:
             self.transformer.disable_adapters()
         self.vae.to(self.device)
@@ -576,7 +650,7 @@ class Trainer:
                 self.transformer.enable_adapters()
             self.vae.to("cpu")
             if was_training:
-                self.transformer.train()
+                self.forward_model.train()
             free()
         return torch.cat(latents), videos
 

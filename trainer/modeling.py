@@ -41,6 +41,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def is_tiny(model: str) -> bool:
+    """Whether ``model`` names the deterministic random test model (``tiny``) instead of a diffusers repo/folder."""
     from ..pipelines.tiny import TINY_MODEL_ID
 
     return model == TINY_MODEL_ID
@@ -112,6 +113,8 @@ def free(*modules: Any) -> None:
 
 
 def default_text_cache_dir() -> Path:
+    """Where text embeddings are cached by default: ``$LATENT_REWARDS_CACHE/text_embeds``, else
+    ``$XDG_CACHE_HOME/latent_rewards/text_embeds`` (``~/.cache/latent_rewards/text_embeds``)."""
     root = os.environ.get("LATENT_REWARDS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "latent_rewards"
     )
@@ -146,6 +149,7 @@ class TextEmbeddingCache:
         return self.cache_dir / h[:2] / f"{h}.safetensors"
 
     def missing(self, prompts: Iterable[str]) -> list[str]:
+        """The prompts (deduplicated, in order) with no cached embedding yet."""
         return [p for p in dict.fromkeys(prompts) if p not in self._memory and not self._path(p).is_file()]
 
     def ensure(self, prompts: Iterable[str], *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

@@ -58,8 +58,9 @@ class Denoiser(Protocol):
 class TransformerDenoiser:
     """A diffusers ``WanTransformer3DModel`` as a :class:`Denoiser` (timestep ``1000 * sigma``, Wan's convention).
 
-    ``model`` is what gradient-enabled calls go through (possibly wrapped by DDP/FSDP), ``plain`` the unwrapped
-    module used for no-gradient calls (so DDP's reducer only sees the passes that backpropagate). ``reference``
+    ``model`` is what gradient-enabled calls go through (possibly wrapped by DDP/FSDP), ``plain`` what
+    no-gradient calls go through: the unwrapped module under DDP (so its reducer only sees the passes that
+    backpropagate), the FSDP module itself under FSDP (its unwrapped parameters are shards). ``reference``
     gives the frozen base model's velocity (LoRA disabled, or a frozen copy for a full fine-tune), for KL and
     anti-drift terms. Velocities come back in fp32.
     """

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from latent_rewards.rewards.wan_keys import comfyui_lora_to_peft, diffusers_state_dict_to_wan
-from latent_rewards.trainer.export import LORA_WEIGHTS_NAME, comfyui_file_name
+from latent_rewards.trainer.export import LOCAL_LOCATION, LORA_WEIGHTS_NAME, comfyui_file_name, lora_state_dict
 from latent_rewards.trainer.rollouts import TransformerDenoiser
 from safetensors.torch import load_file
 
@@ -130,9 +131,20 @@ def test_model_card_describes_the_run(trained_run):
     trainer, result = trained_run
     card = (result.output_dir / "best" / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card
-    for needle in ("shell_lcc", str(trainer.config.reward.path), "best step so far by the\nreward-hacking rule",
-                   "load_lora_weights", "LoraLoaderModelOnly", comfyui_file_name(trainer.config.name),
-                   "| step | reward | R_dist |", "one_step"):
+    reward_folder = Path(trainer.config.reward.path)
+    for needle in ("shell_lcc", f"`{reward_folder.name}` (a local reward folder", "best step so far by the\nreward-hacking rule",
+                   f'load_lora_weights("{LOCAL_LOCATION}")', "LoraLoaderModelOnly", "**Latent Reward LoRA Loader**",
+                   comfyui_file_name(trainer.config.name), "| step | reward | R_dist |", "one_step"):
         assert needle in card, needle
+    assert str(reward_folder) not in card  # a local absolute path means nothing to a reader of the Hub page
     for step in (0, 4, 8):
         assert f"\n| {step} | " in card
+
+
+def test_lora_weights_from_a_gathered_state_dict_match_peft(trained_run):
+    """Under FSDP the LoRA is read from the gathered state dict by name; it must be exactly what peft exports."""
+    trainer, _ = trained_run
+    t = trainer.transformer
+    by_name, by_peft = lora_state_dict(t, t.state_dict()), lora_state_dict(t)
+    assert by_name.keys() == by_peft.keys() and len(by_peft) == 2 * (2 * 10 + 1)  # A and B of (q,k,v,o x 2 + 2 ffn) x 2 blocks + proj_out
+    assert all(torch.equal(by_name[k], by_peft[k]) for k in by_peft)

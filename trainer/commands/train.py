@@ -17,16 +17,19 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` on the CLI's sub-parsers."""
     p = sub.add_parser(
         "train",
         help="fine-tune Wan2.1 with a latent reward (LoRA or full; Shell-LCC recipe)",
         description=(
             "Fine-tune a Wan2.1 text-to-video model with a latent reward. CONFIG is a YAML file or a built-in name "
-            "(tiny-cpu, shell_lcc_wan1.3b, shell_lcc_wan14b_band); overrides use the config's own keys, dotted for "
-            "sections, e.g. `output_dir=runs/x max_steps=12 lora.rank=8 reward.path=runs/manifold`. The config is "
-            "validated before any model is loaded. A run continues from the newest checkpoint in output_dir when "
-            "there is one; Ctrl-C saves a checkpoint and stops. Several GPUs: "
-            "`accelerate launch -m latent_rewards.trainer CONFIG.yaml [overrides]`."
+            "(tiny-cpu, shell_lcc_wan1.3b, shell_lcc_wan1.3b_lora, shell_lcc_wan14b_band); overrides use the "
+            "config's own keys, dotted for sections, e.g. `output_dir=runs/x max_steps=12 lora.rank=8 "
+            "reward.path=runs/manifold`. The config is validated before any model is loaded. A run continues from "
+            "the newest checkpoint in output_dir when there is one; Ctrl-C saves a checkpoint and stops. Several "
+            "GPUs: "
+            "`accelerate launch -m latent_rewards.trainer CONFIG.yaml [overrides]` (DDP), or with "
+            "`--config_file trainer/configs/accelerate_fsdp.yaml` to shard the transformer with FSDP."
         ),
     )
     p.add_argument("config", help="YAML config file or built-in config name")
@@ -38,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Validate the config (before any model is loaded), then train; returns 130 when interrupted."""
     from ..config import dump_config, load_config
 
     flags = [a for a in args.overrides if a.startswith("-")]

@@ -114,14 +114,19 @@ class Recipe(ABC):
         """Whether the loop must provide the frozen base model's velocity (a copy of it for a full fine-tune)."""
         return False
 
-    def setup(self, ctx: RecipeContext) -> None:
-        """Called once before training; checks that the rollout gives the reward what it reads."""
-        needs = ctx.reward.required_inputs
+    def check_reward(self, reward: LatentReward) -> None:
+        """Raise :class:`ConfigError` if this recipe and its rollout cannot feed ``reward`` what it reads. The loop
+        calls it right after loading the reward, before any generator part is loaded; override to add checks."""
+        needs = reward.required_inputs
         if (RewardInput.NOISY in needs or RewardInput.TIMESTEP in needs) and not self.rollout.provides_noisy:
             raise ConfigError(
-                f"rollout.kind: the {ctx.reward.kind} reward reads noisy latents (x_t + timestep), which the "
+                f"rollout.kind: the {reward.kind} reward reads noisy latents (x_t + timestep), which the "
                 f"{self.rollout.name!r} rollout does not produce; use rollout.kind=single_step"
             )
+
+    def setup(self, ctx: RecipeContext) -> None:
+        """Called once before training (after :meth:`check_reward`); the default checks the reward again."""
+        self.check_reward(ctx.reward)
 
     def on_step_end(self, ctx: RecipeContext, step: int, logs: dict[str, float]) -> None:
         """After each optimizer step (online reward updates, replay buffers)."""
