@@ -34,6 +34,7 @@ __all__ = [
     "comfyui_file_name",
     "lora_state_dict",
     "save_adapter",
+    "save_transformer",
     "write_model_card",
     "model_card",
     "usage_section",
@@ -107,10 +108,38 @@ def save_adapter(
         return [LORA_WEIGHTS_NAME, comfy]
     if state is None:
         state = transformer.state_dict()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    transformer.save_pretrained(str(folder / "transformer"), state_dict=state)
+    state = {k: _own_storage(v.detach().to("cpu").contiguous()) for k, v in state.items()}
+    save_transformer(folder / "transformer", transformer, state)
     save_file(diffusers_state_dict_to_wan(state), str(folder / comfy), metadata={"format": "pt"})
     return ["transformer", comfy]
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is a view into a larger buffer (gathered FSDP weights can be), which safetensors
+    refuses to write; tensors that own their storage are not copied (a 14B state dict is 57 GB)."""
+    whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
+
+
+def save_transformer(folder: Path, transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` in diffusers' layout (``config.json``, ``diffusion_pytorch_model*.safetensors`` in 10 GB
+    shards plus their index), loadable with ``WanTransformer3DModel.from_pretrained(folder)``.
+
+    diffusers' own ``save_pretrained`` always reads the module's state dict, which under FSDP holds only this
+    process's shards; the state given here is the gathered one.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(folder)
+    # FSDP2 swaps the module's class for a generated subclass ("FSDPWanTransformer3DModel"): record diffusers' own.
+    cls = next(c for c in type(transformer).__mro__ if c.__module__.startswith("diffusers."))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["_class_name"] = cls.__name__
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_torch_state_dict(
+        state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ model card
