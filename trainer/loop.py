@@ -3,7 +3,11 @@
 One optimizer step = ``gradient_accumulation_steps`` micro-batches of ``batch_size`` prompts per process, each
 ``recipe.training_step`` (rollout + loss) under autocast, then gradient clipping (``max_grad_norm``, 1.0), a
 NaN/Inf check (the step is skipped and logged when the loss or the gradient is not finite), AdamW and the LR
-schedule. Runs on one device or under ``accelerate launch`` (DDP; FSDP through accelerate's config file).
+schedule. Runs on one device or under ``accelerate launch``: DDP, or FSDP1/FSDP2 through an accelerate config
+(``trainer/configs/accelerate_fsdp.yaml``). Under FSDP every forward (training, gradient-free rollout prefixes, the
+LoRA-disabled reference, validation sampling) goes through the FSDP module, checkpoints gather the full state, and
+what cannot be sharded is refused before any model loads (a frozen full copy for KL with ``finetune: full``;
+low-precision master weights).
 
 Around it: text embeddings are computed once and cached on disk, then the text encoder is freed; the VAE lives
 on the CPU and visits the accelerator only to decode validation videos; the transformer trains with gradient
@@ -418,7 +422,10 @@ class Trainer:
         return int(getattr(self.acc.state.fsdp_plugin, "fsdp_version", 1) or 1)
 
     def _distributed_summary(self) -> str:
+        """One log line saying how the run is spread: ``distributed: FSDP2, 4 process(es), device cuda:0``."""
         acc = self.acc
+        if acc.num_processes == 1 and not self.fsdp:
+            return f"single process on {acc.device}"
         mode = f"FSDP{self.fsdp}" if self.fsdp else str(acc.distributed_type).rsplit(".", 1)[-1]
         return f"distributed: {mode}, {acc.num_processes} process(es), device {acc.device}"
 
