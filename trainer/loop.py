@@ -39,6 +39,7 @@ import torch
 
 from ..pipelines.best_of_n import decode_latents
 from ..pipelines.video import frames_to_uint8, write_video
+from ..rewards.base import LatentReward
 from ..rewards.errors import CheckpointError, ConfigError, NonFiniteError
 from ..rewards.hub import atomic_directory, atomic_write_text
 from .config import TrainConfig, config_to_dict, dump_config, read_prompts
@@ -446,7 +447,7 @@ class Trainer:
                 "sharded model with its adapters disabled) or set method.kl_weight=0 and method.anti_drift_weight=0"
             )
 
-    def _load_reward(self) -> Any:
+    def _load_reward(self) -> LatentReward:
         """The frozen fp32 reward, on the device; its folder/Hub id, kind, latent space and reward mode are checked
         against the config and the recipe here, before the text encoder or the transformer is loaded."""
         from ..rewards.errors import LatentRewardsError
