@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..rewards.errors import CheckpointError
+from ..rewards.hub import atomic_write_file
 
 __all__ = [
     "DTYPES",
@@ -193,16 +193,8 @@ class TextEmbeddingCache:
     def _write(self, prompt: str, emb: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path = self._path(prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".emb.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"prompt_embeds": emb}, tmp, metadata={"model": self.model_key, "prompt": prompt[:2000]})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        metadata = {"model": self.model_key, "prompt": prompt[:2000]}
+        atomic_write_file(self._path(prompt), lambda tmp: save_file({"prompt_embeds": emb}, tmp, metadata=metadata))
 
     def get(self, prompt: str) -> torch.Tensor:
         """The cached ``[L_prompt, D]`` embedding (CPU)."""
