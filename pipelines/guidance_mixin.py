@@ -62,7 +62,8 @@ __all__ = [
     "REWARD_CALL_KWARGS",
 ]
 
-#: Call-time keyword arguments the mixin takes out before the parent ``__call__`` (name -> GuidanceConfig field).
+#: Call-time keyword arguments the mixin takes out before the parent ``__call__`` (name -> GuidanceConfig field,
+#: which is also the :meth:`RewardGuidanceMixin.set_reward_guidance` argument).
 REWARD_CALL_KWARGS = {
     "reward_guidance_scale": "scale",
     "reward_guidance_start": "start",
@@ -644,7 +645,9 @@ class RewardGuidanceMixin:
             The new (validated) default :class:`GuidanceConfig`.
         """
         state = self._reward_state()
-        config = self._guidance_with(scale, start, end, mode, normalize, max_step)
+        config = self._guidance_with(
+            scale=scale, start=start, end=end, mode=mode, normalize=normalize, max_step=max_step
+        )
         if adapter_name is not None:
             if adapter_name not in state["rewards"]:
                 raise ConfigError(
@@ -654,15 +657,11 @@ class RewardGuidanceMixin:
         state["config"] = config
         return dataclasses.replace(config)
 
-    def _guidance_with(
-        self, scale: float | None, start: float | None, end: float | None, mode: str | None,
-        normalize: str | None, max_step: Any,
-    ) -> GuidanceConfig:
-        """The default guidance with the given fields changed (``None`` / unset: keep), validated."""
-        changes = {k: v for k, v in dict(scale=scale, start=start, end=end, mode=mode, normalize=normalize).items()
-                   if v is not None}
-        if max_step is not _UNSET:
-            changes["max_step"] = max_step
+    def _guidance_with(self, **changes: Any) -> GuidanceConfig:
+        """The default guidance with some :class:`GuidanceConfig` fields changed, validated: the one normalisation
+        of :meth:`set_reward_guidance` and the ``reward_guidance_*`` call arguments. ``None`` keeps a field, except
+        for ``max_step``, where ``None`` means "no cap" and only an argument left unset keeps it."""
+        changes = {k: v for k, v in changes.items() if v is not _UNSET and (v is not None or k == "max_step")}
         return dataclasses.replace(self._reward_state()["config"], **changes).validate()
 
     # -- scoring
@@ -721,10 +720,8 @@ class RewardGuidanceMixin:
             ConfigError: guidance is on (scale > 0, from the call or :meth:`set_reward_guidance`) but no reward
                 is loaded; bad settings; a scheduler that is not flow matching.
         """
-        config = self._guidance_with(
-            reward_guidance_scale, reward_guidance_start, reward_guidance_end, reward_guidance_mode,
-            reward_guidance_normalize, reward_guidance_max_step,
-        )
+        given = locals()  # the explicit reward_guidance_* arguments, mapped to their fields by REWARD_CALL_KWARGS
+        config = self._guidance_with(**{field: given[name] for name, field in REWARD_CALL_KWARGS.items()})
         reward = self.latent_reward
         parent_call = super().__call__  # type: ignore[misc]
         if reward is None:
