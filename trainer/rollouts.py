@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..rewards.errors import ConfigError
+from ..rewards.guidance import x0_from_velocity
 
 __all__ = [
     "Denoiser",
@@ -168,12 +169,19 @@ def latent_shape(batch: int, num_frames: int, height: int, width: int, *, channe
     return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
-def _x0(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return x - sigma.view(-1, 1, 1, 1, 1) * v
-
-
 def _euler(x: torch.Tensor, sigma: float, sigma_next: float, v: torch.Tensor) -> torch.Tensor:
     return x + (sigma_next - sigma) * v
+
+
+def _euler_steps(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, start: int, stop: int,
+                 text: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    """Euler steps ``start .. stop-1`` from ``x`` at ``sigmas[start]``: the latent at step ``stop``."""
+    b = x.shape[0]
+    for i in range(start, stop):
+        s = float(sigmas[i])
+        v = denoiser.velocity(x, torch.full((b,), s, device=x.device), text, grad=grad)
+        x = _euler(x, s, float(sigmas[i + 1]), v)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -290,19 +298,14 @@ class OneStepFromNoise(RolloutStrategy):
         sigma = random.uniform(shape[0], self.settings.sigma_min, self.settings.sigma_max, device)
         v = denoiser.velocity(eps, sigma, text_embeds, grad=True)
         return RolloutOutput(
-            x0=_x0(eps, sigma, v), model_input=eps, model_sigma=sigma, velocity=v,
+            x0=x0_from_velocity(eps, v, sigma), model_input=eps, model_sigma=sigma, velocity=v,
             info={"sigma": float(sigma.mean())},
         )
 
 
 def _prefix(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, stop: int, text: torch.Tensor) -> torch.Tensor:
     """No-gradient Euler steps ``0 .. stop-1`` from ``x`` at ``sigmas[0]``: the latent at step ``stop``."""
-    b = x.shape[0]
-    for i in range(stop):
-        s = float(sigmas[i])
-        v = denoiser.velocity(x, torch.full((b,), s, device=x.device), text, grad=False)
-        x = _euler(x, s, float(sigmas[i + 1]), v)
-    return x.detach()
+    return _euler_steps(denoiser, x, sigmas, 0, stop, text, grad=False).detach()
 
 
 @register_rollout
@@ -317,17 +320,13 @@ class TruncatedWindow(RolloutStrategy):
         device = text_embeds.device
         sigmas = flow_sigmas(st.num_steps, st.shift)
         start = random.index(st.start_min, st.start_max)
-        x = _prefix(denoiser, random.noise(shape, device), sigmas, start, text_embeds)
-        b = shape[0]
-        for i in range(start, start + st.grad_steps):
-            s = float(sigmas[i])
-            v = denoiser.velocity(x, torch.full((b,), s, device=device), text_embeds, grad=True)
-            x = _euler(x, s, float(sigmas[i + 1]), v)
         end = start + st.grad_steps
-        sigma_end = torch.full((b,), float(sigmas[end]), device=device)
+        x = _prefix(denoiser, random.noise(shape, device), sigmas, start, text_embeds)
+        x = _euler_steps(denoiser, x, sigmas, start, end, text_embeds, grad=True)
+        sigma_end = torch.full((shape[0],), float(sigmas[end]), device=device)
         v = denoiser.velocity(x, sigma_end, text_embeds, grad=True)
         return RolloutOutput(
-            x0=_x0(x, sigma_end, v), model_input=x.detach(), model_sigma=sigma_end, velocity=v,
+            x0=x0_from_velocity(x, v, sigma_end), model_input=x.detach(), model_sigma=sigma_end, velocity=v,
             info={"start_step": float(start), "sigma": float(sigmas[end])},
         )
 
@@ -351,7 +350,7 @@ class SingleRandomStep(RolloutStrategy):
         sigma_k = torch.full((b,), s, device=device)
         v = denoiser.velocity(x, sigma_k, text_embeds, grad=True)
         return RolloutOutput(
-            x0=_x0(x, sigma_k, v), model_input=x, model_sigma=sigma_k, velocity=v,
+            x0=x0_from_velocity(x, v, sigma_k), model_input=x, model_sigma=sigma_k, velocity=v,
             x_t=_euler(x, s, s_next, v), sigma_t=torch.full((b,), s_next, device=device),
             info={"step_index": float(k), "sigma": s_next},
         )

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ...rewards.base import LatentReward, RewardInput
 from ...rewards.errors import ConfigError
+from ...rewards.guidance import x0_from_velocity
 from ..rollouts import ROLLOUTS, RolloutOutput, RolloutRandom, RolloutStrategy, TransformerDenoiser
 
 __all__ = ["Recipe", "RecipeContext", "StepResult", "TrainBatch", "METHODS", "register_method", "build_method"]
@@ -191,7 +192,7 @@ class Recipe(ABC):
     def anti_drift(self, ctx: RecipeContext, batch: TrainBatch, out: RolloutOutput, margin: float) -> torch.Tensor:
         """``max(0, MSE(x0, x0_ref) - margin)``: free within ``margin`` of the base model's prediction."""
         v_ref = self.reference_velocity(ctx, batch, out)
-        x0_ref = out.model_input - out.model_sigma.view(-1, 1, 1, 1, 1) * v_ref
+        x0_ref = x0_from_velocity(out.model_input, v_ref, out.model_sigma)
         return torch.relu(F.mse_loss(out.x0.float(), x0_ref.float()) - margin)
 
 
