@@ -132,6 +132,24 @@ class LatentReward(nn.Module):
             if z is not None:
                 self.latent_space.check(z, name=name)
 
+    def select_inputs(
+        self,
+        *,
+        x0: torch.Tensor | None = None,
+        x_t: torch.Tensor | None = None,
+        timestep: torch.Tensor | float | None = None,
+        text_embeds: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Of what a caller has, the keyword arguments of :meth:`reward` this reward reads (by ``required_inputs``),
+        so guidance and the trainer can pass "whatever they have" to any reward."""
+        given = {
+            RewardInput.X0: ("x0", x0),
+            RewardInput.NOISY: ("x_t", x_t),
+            RewardInput.TIMESTEP: ("timestep", timestep),
+            RewardInput.TEXT: ("text_embeds", text_embeds),
+        }
+        return {name: value for key, (name, value) in given.items() if key in self.required_inputs}
+
     # ------------------------------------------------------------------ scoring
     def reward(
         self,

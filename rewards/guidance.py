@@ -236,14 +236,8 @@ def _bcast(sigma: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 def _reward_inputs(
     reward: LatentReward, x0: torch.Tensor, x_t: torch.Tensor | None, sigma: torch.Tensor, text_embeds: torch.Tensor | None
 ) -> dict[str, Any]:
-    inputs: dict[str, Any] = {"x0": x0}
-    if RewardInput.NOISY in reward.required_inputs:
-        inputs["x_t"] = x_t
-    if RewardInput.TIMESTEP in reward.required_inputs:
-        inputs["timestep"] = sigma
-    if RewardInput.TEXT in reward.required_inputs:
-        inputs["text_embeds"] = text_embeds
-    return inputs
+    # x0 always goes first: it is the latent being guided (and metrics() takes it positionally).
+    return {**reward.select_inputs(x_t=x_t, timestep=sigma, text_embeds=text_embeds), "x0": x0}
 
 
 def _per_sample_rms(t: torch.Tensor) -> torch.Tensor:

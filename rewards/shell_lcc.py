@@ -216,10 +216,14 @@ class ShellLCC(LatentReward):
     def _params_need_grad(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
+    def _needs_grad(self, zf: torch.Tensor) -> bool:
+        """Whether autograd will want a gradient from this call (w.r.t. the latent or the manifold's weights)."""
+        return torch.is_grad_enabled() and (zf.requires_grad or self._params_need_grad())
+
     def _voxel_scalar(self, zf: torch.Tensor, kind: str) -> torch.Tensor:
         """Per-voxel ``r`` (``kind="shell"``) or LCC distance (``kind="lcc"``), chunked, differentiable."""
         with self._matmul_precision():
-            if not torch.is_grad_enabled() or not (zf.requires_grad or self._params_need_grad()):
+            if not self._needs_grad(zf):
                 return self._fused_scalar(zf, kind, need_grad=False)[0]
             if self._params_need_grad():
                 # Gradients also flow to the manifold's own parameters: plain autograd, each chunk recomputed in
@@ -317,7 +321,7 @@ class ShellLCC(LatentReward):
     def _voxel_vector(self, zf: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         chunk = self._chunk()
         with self._matmul_precision():
-            if not torch.is_grad_enabled() or not (zf.requires_grad or self._params_need_grad()):
+            if not self._needs_grad(zf):
                 with torch.no_grad():
                     return torch.cat([fn(zf[i : i + chunk]) for i in range(0, zf.shape[0], chunk)])
             return torch.cat(

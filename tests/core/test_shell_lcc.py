@@ -238,3 +238,11 @@ def test_init_anchors_uses_real_voxels(small_shell_lcc):
     assert bool(matches.all())
     with pytest.raises(ConfigError, match="at least 64 voxels"):
         m.init_anchors(torch.randn(10, 16))
+
+
+def test_select_inputs_keeps_only_what_the_reward_reads(small_shell_lcc):
+    m = small_shell_lcc()
+    z = _z()
+    picked = m.select_inputs(x0=z, x_t=z + 1, timestep=0.5, text_embeds=torch.zeros(2, 3, 8))
+    assert set(picked) == {"x0"} and picked["x0"] is z
+    assert m.select_inputs(x_t=z) == {"x0": None}  # the reward then says clearly that x0 is missing
