@@ -56,6 +56,7 @@ from ..rewards.errors import (
 )
 from ..rewards.hub import atomic_write_file, looks_like_repo_id
 from ..rewards.latent_space import WAN21, LatentSpace, get_latent_space
+from .modeling import is_tiny
 
 __all__ = [
     "LATENT_EXTENSIONS",
@@ -663,14 +664,42 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool | None = None,
+    revision: str | None = None,
 ):
-    """Load an ``AutoencoderKLWan`` from a Hub id (its ``vae`` subfolder), a local pipeline folder or a VAE folder,
-    and check that it encodes into ``latent_space`` (channels and ``latents_mean/std``)."""
+    """Load an ``AutoencoderKLWan`` from a Hub id (its ``vae`` subfolder, at ``revision``), a local pipeline folder,
+    a VAE folder, or ``tiny`` (the random test model), and check that it encodes into ``latent_space`` (channels
+    and ``latents_mean/std``)."""
+    space = get_latent_space(latent_space)
+    if is_tiny(str(source)):
+        from ..pipelines.tiny import tiny_wan_vae
+
+        vae, where = tiny_wan_vae().to(dtype), "the tiny test model"
+    else:
+        vae, where = _load_pretrained_vae(source, dtype=dtype, local_files_only=local_files_only, revision=revision)
+    cfg = vae.config
+    if int(getattr(cfg, "z_dim", -1)) != space.channels:
+        raise LatentSpaceMismatchError(
+            f"VAE from {where} has {getattr(cfg, 'z_dim', '?')} latent channels; the {space.name} space has "
+            f"{space.channels}"
+        )
+    for name, ours in (("latents_mean", space.mean), ("latents_std", space.std)):
+        theirs = getattr(cfg, name, None)
+        if theirs is None or len(theirs) != len(ours) or not np.allclose(theirs, ours, atol=1e-4):
+            raise LatentSpaceMismatchError(
+                f"VAE from {where}: its {name} does not match the {space.name} latent space constants, so its "
+                f"latents are not the space the reward reads"
+            )
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _load_pretrained_vae(
+    source: str | Path, *, dtype: torch.dtype, local_files_only: bool | None, revision: str | None
+) -> tuple[Any, str]:
+    """``(vae, where)`` from a Hub id, a pipeline folder or a VAE folder (see :func:`load_vae`)."""
     from diffusers import AutoencoderKLWan
 
-    space = get_latent_space(latent_space)
     p = Path(str(source)).expanduser()
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": revision}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     if p.exists():
@@ -696,20 +725,7 @@ def load_vae(
         raise CheckpointError(
             f"could not load an AutoencoderKLWan from {where}: {str(e).splitlines()[0]}{hint}"
         ) from None
-    cfg = vae.config
-    if int(getattr(cfg, "z_dim", -1)) != space.channels:
-        raise LatentSpaceMismatchError(
-            f"VAE from {where} has {getattr(cfg, 'z_dim', '?')} latent channels; the {space.name} space has "
-            f"{space.channels}"
-        )
-    for name, ours in (("latents_mean", space.mean), ("latents_std", space.std)):
-        theirs = getattr(cfg, name, None)
-        if theirs is None or len(theirs) != len(ours) or not np.allclose(theirs, ours, atol=1e-4):
-            raise LatentSpaceMismatchError(
-                f"VAE from {where}: its {name} does not match the {space.name} latent space constants, so its "
-                f"latents are not the space the reward reads"
-            )
-    return vae.to(device).eval().requires_grad_(False)
+    return vae, where
 
 
 class VideoEncoder:

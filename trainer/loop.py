@@ -53,7 +53,8 @@ from .export import (
     write_model_card,
 )
 from .methods import RecipeContext, TrainBatch, build_method
-from .modeling import DTYPES, TextEmbeddingCache, free, load_scheduler, load_transformer, load_vae
+from .data import load_vae
+from .modeling import DTYPES, TextEmbeddingCache, free, load_scheduler, load_transformer
 from .monitor import RewardHackingMonitor, ValidationReport
 from .rollouts import RolloutRandom, TransformerDenoiser, build_rollout, latent_shape
 
@@ -619,7 +620,7 @@ class Trainer:
         from diffusers import WanPipeline
 
         if self.vae is None:
-            self.vae = load_vae(self.config.model, self.config.revision)
+            self.vae = load_vae(self.config.model, revision=self.config.revision)
             self.val_scheduler = load_scheduler(self.config.model, self.config.revision)
         pipe = WanPipeline(
             tokenizer=None, text_encoder=None, vae=self.vae, scheduler=self.val_scheduler,

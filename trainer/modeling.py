@@ -4,7 +4,8 @@
 ``tokenizer``, ``scheduler``; default ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``) or ``tiny`` (the deterministic random
 model of :mod:`latent_rewards.pipelines.tiny`). Each part is loaded on its own so the trainer holds only what a
 phase needs: the text encoder only while prompts are encoded (then freed), the VAE only for validation (kept on
-the CPU between validations), the transformer throughout.
+the CPU between validations; loaded and checked against the latent space by :func:`.data.load_vae`), the
+transformer throughout.
 
 Text embeddings are computed once per (model, prompt, max length) and kept in ``text_cache_dir`` as one small
 safetensors file per prompt, trimmed to the prompt's tokens; batches are zero-padded back to the full length
@@ -29,7 +30,6 @@ __all__ = [
     "DTYPES",
     "is_tiny",
     "load_transformer",
-    "load_vae",
     "load_scheduler",
     "load_text_encoder",
     "free",
@@ -67,17 +67,6 @@ def load_transformer(model: str, revision: str | None = None, dtype: torch.dtype
     from diffusers import WanTransformer3DModel
 
     return _from_pretrained(WanTransformer3DModel, model, "transformer", revision, torch_dtype=dtype)
-
-
-def load_vae(model: str, revision: str | None = None) -> torch.nn.Module:
-    """The ``AutoencoderKLWan`` in fp32 (on the CPU)."""
-    if is_tiny(model):
-        from ..pipelines.tiny import tiny_wan_vae
-
-        return tiny_wan_vae()
-    from diffusers import AutoencoderKLWan
-
-    return _from_pretrained(AutoencoderKLWan, model, "vae", revision, torch_dtype=torch.float32).eval()
 
 
 def load_scheduler(model: str, revision: str | None = None) -> Any:
