@@ -13,6 +13,7 @@ from pathlib import Path
 import folder_paths
 
 from ..rewards.errors import CheckpointError
+from ..rewards.hub import looks_like_repo_id, resolve_pretrained
 
 __all__ = [
     "FOLDER",
@@ -20,6 +21,7 @@ __all__ = [
     "register_folders",
     "reward_dirs",
     "hub_cache_dir",
+    "resolve_hub_repo",
     "list_reward_folders",
     "resolve_reward_folder",
     "list_lora_files",
@@ -48,6 +50,15 @@ def reward_dirs() -> list[Path]:
 def hub_cache_dir() -> Path:
     """Where Hub repositories (rewards and LoRAs) are downloaded: ``models/latent_rewards/.hub``."""
     return reward_dirs()[0] / HUB_CACHE_NAME
+
+
+def resolve_hub_repo(repo_id: str, *, allow_patterns: list[str] | None = None, form: str = "'user/name'") -> Path:
+    """The snapshot folder of a Hub repository (rewards and LoRAs alike), downloaded once into
+    :func:`hub_cache_dir` or found there offline; :class:`CheckpointError` unless ``repo_id`` is ``user/name``
+    (``form`` describes what the node's input accepts, for that message)."""
+    if not looks_like_repo_id(repo_id):
+        raise CheckpointError(f"repo_id {repo_id!r} is not a Hugging Face repo id of the form {form}")
+    return resolve_pretrained(repo_id, cache_dir=hub_cache_dir(), allow_patterns=allow_patterns)
 
 
 def list_reward_folders() -> list[str]:

@@ -11,8 +11,8 @@ from comfy_api.latest import io, ui
 
 from ..rewards.base import LatentReward
 from ..rewards.errors import CheckpointError
-from ..rewards.hub import load_reward, looks_like_repo_id, resolve_pretrained
-from .folders import NONE_FOUND, hub_cache_dir, list_reward_folders, resolve_reward_folder
+from ..rewards.hub import load_reward
+from .folders import NONE_FOUND, list_reward_folders, resolve_hub_repo, resolve_reward_folder
 from .types import CATEGORY, LatentRewardType
 
 __all__ = ["LatentRewardsLoader", "load_cached_reward", "clear_reward_cache"]
@@ -57,11 +57,7 @@ def clear_reward_cache() -> None:
 
 def _resolve(reward: str, repo_id: str) -> Path:
     repo_id = (repo_id or "").strip()
-    if repo_id:
-        if not looks_like_repo_id(repo_id):
-            raise CheckpointError(f"repo_id {repo_id!r} is not a Hugging Face repo id of the form 'user/name'")
-        return resolve_pretrained(repo_id, cache_dir=hub_cache_dir())
-    return resolve_reward_folder(reward)
+    return resolve_hub_repo(repo_id) if repo_id else resolve_reward_folder(reward)
 
 
 class LatentRewardsLoader(io.ComfyNode):

@@ -23,9 +23,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..rewards.errors import CheckpointError
-from ..rewards.hub import looks_like_repo_id, resolve_pretrained
 from ..rewards.wan_keys import COMFYUI_PREFIX, peft_lora_to_comfyui, wan_to_diffusers
-from .folders import NONE_FOUND, hub_cache_dir, list_lora_files, resolve_lora_file
+from .folders import NONE_FOUND, list_lora_files, resolve_hub_repo, resolve_lora_file
 from .types import CATEGORY
 
 if TYPE_CHECKING:
@@ -200,12 +199,10 @@ def _resolve(lora_name: str, repo_id: str) -> Path:
         return resolve_lora_file(lora_name)
     parts = repo_id.split("/")
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    if not looks_like_repo_id(repo):
-        raise CheckpointError(f"repo_id {repo_id!r} is not 'user/name' or 'user/name/file.safetensors'")
     if filename and not filename.endswith((".safetensors", ".sft")):
         raise CheckpointError(f"{repo_id}: only .safetensors LoRA files are loaded (pickled formats are refused)")
     patterns = [filename, "adapter_config.json"] if filename else ["*.safetensors", "*.json", "README.md"]
-    folder = resolve_pretrained(repo, cache_dir=hub_cache_dir(), allow_patterns=patterns)
+    folder = resolve_hub_repo(repo, allow_patterns=patterns, form="'user/name' or 'user/name/file.safetensors'")
     if filename:
         path = folder / filename
         if not path.is_file():
