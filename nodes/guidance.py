@@ -75,6 +75,18 @@ def guidance_config(scale: float, start: float, end: float, normalize: str, mode
     ).validate()
 
 
+def _traced_clone(
+    model: ModelPatcher, reward: LatentReward, config: GuidanceConfig, node_id: str | None, *, what: str
+) -> tuple[ModelPatcher, RewardGuidance]:
+    """What both nodes start from: the latent spaces checked, a :class:`RewardGuidance`, and a clone of ``model``
+    whose sampling runs each start a fresh trace (sent to the frontend when they end)."""
+    check_model_matches_reward(model, reward, what=what)
+    guidance = RewardGuidance(reward, config, guidance_node=node_id)
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper)
+    return patched, guidance
+
+
 class LatentRewardsGuidance(io.ComfyNode):
     """Patch a MODEL so that every sampler climbs the reward during its guidance window."""
 
@@ -102,15 +114,9 @@ class LatentRewardsGuidance(io.ComfyNode):
         mode: str, max_step: float,
     ) -> io.NodeOutput:
         """Clone ``model`` and add the post-CFG guidance hook and the per-run trace wrapper."""
-        check_model_matches_reward(model, reward, what="Latent Reward Guidance")
-        guidance = RewardGuidance(
-            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)
-        )
-        patched = model.clone()
+        config = guidance_config(scale, start, end, normalize, mode, max_step)
+        patched, guidance = _traced_clone(model, reward, config, node_id_of(cls), what="Latent Reward Guidance")
         patched.set_model_sampler_post_cfg_function(guidance.post_cfg)
-        patched.add_wrapper_with_key(
-            comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper
-        )
         return io.NodeOutput(patched)
 
 
@@ -147,12 +153,8 @@ class LatentRewardsGuider(io.ComfyNode):
         start: float, end: float, normalize: str, mode: str, max_step: float,
     ) -> io.NodeOutput:
         """A :class:`RewardCFGGuider` over a clone of ``model`` with the given conditioning and CFG scale."""
-        check_model_matches_reward(model, reward, what="Latent Reward Guider")
-        guidance = RewardGuidance(
-            reward, guidance_config(scale, start, end, normalize, mode, max_step), guidance_node=node_id_of(cls)
-        )
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, guidance.sampler_wrapper)
+        config = guidance_config(scale, start, end, normalize, mode, max_step)
+        m, guidance = _traced_clone(model, reward, config, node_id_of(cls), what="Latent Reward Guider")
         guider = RewardCFGGuider(m, guidance)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
