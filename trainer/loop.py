@@ -336,6 +336,7 @@ class Trainer:
         self.val_scheduler = None
         self.step = 0
         self.skipped_total = 0
+        self._consecutive_skips = 0
         self.last_report: ValidationReport | None = None
         self.validated_step: int | None = None
         if self._resume_from is not None:
@@ -591,7 +592,7 @@ class Trainer:
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_total += 1
-            self._consecutive_skips = getattr(self, "_consecutive_skips", 0) + 1
+            self._consecutive_skips += 1
             if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise NonFiniteError(
                     f"{MAX_CONSECUTIVE_SKIPS} optimizer steps in a row had a NaN/Inf loss or gradient; lower "
@@ -635,6 +636,7 @@ class Trainer:
         vs = self.config.validation
         h, w, f = self._validation_size()
         pipe = self._pipeline()  # every process samples the same videos: under FSDP each forward is collective
+        ne = self.cache.batch([vs.negative_prompt], device=self.device, dtype=self.weight_dtype) if self.use_cfg else None
         was_training = self.forward_model.training
         self.forward_model.eval()
         if base:
@@ -645,7 +647,6 @@ class Trainer:
             for i, prompt in enumerate(self.val_prompts):
                 g = torch.Generator("cpu").manual_seed(vs.seed + i)
                 pe = self.cache.batch([prompt], device=self.device, dtype=self.weight_dtype)
-                ne = self.cache.batch([vs.negative_prompt], device=self.device, dtype=self.weight_dtype) if self.use_cfg else None
                 with self.acc.autocast():
                     lat = pipe(
                         prompt_embeds=pe, negative_prompt_embeds=ne, height=h, width=w, num_frames=f,
