@@ -46,13 +46,12 @@ _FORMATS_HELP = (
 # ---------------------------------------------------------------------------------------------- reading
 def _read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
-        with torch.inference_mode(False):
-            state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
+        # One read for the tensors and the header (peft/diffusers keep the LoRA config there); normal tensors.
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if not state:
