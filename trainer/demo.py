@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..rewards.hub import atomic_write_text
 from ..rewards.latent_space import WAN21
 from .data import _generator, save_latent_file
+from .modeling import cpu_threads
 from .report import distinguishability, plot_bars, plot_histograms, save_panels, summary_stats
 
 __all__ = [
@@ -173,19 +174,8 @@ def blur(z: torch.Tensor, regions: torch.Tensor | None = None, *, kernel: int = 
 
 
 # ============================================================================================== section 1: manifold
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run tiny models on ``n`` threads: they gain nothing from more, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(n, before))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _manifold_section(ctx: DemoContext) -> SectionOutput:
-    with _threads(1):
+    with cpu_threads(1):
         return _manifold_section_body(ctx)
 
 
@@ -301,7 +291,7 @@ register_section(DemoSection("manifold", "Shell-LCC: fit a manifold and score re
 def _guidance_section(ctx: DemoContext) -> SectionOutput:
     from ..pipelines.demo import guided_vs_unguided
 
-    with _threads(1):
+    with cpu_threads(1):
         return SectionOutput(**guided_vs_unguided(ctx))
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .demo import DemoContext, DemoSection, SectionOutput, _threads, register_section
+from .demo import DemoContext, DemoSection, SectionOutput, register_section
+from .modeling import cpu_threads
 
 __all__ = ["finetune_section", "DEMO_PROMPTS"]
 
@@ -43,7 +44,7 @@ def _sampled_r_dist(pipe: Any, reward: Any, prompts: list[str], seed: int = 0) -
 
 def finetune_section(ctx: DemoContext) -> SectionOutput:
     """Train 8 LoRA steps on the tiny model with ``ctx.reward_path``, reload the adapter, compare rewards."""
-    with _threads(1):
+    with cpu_threads(1):
         return _finetune_section_body(ctx)
 
 

@@ -54,7 +54,7 @@ from .export import (
 )
 from .methods import RecipeContext, TrainBatch, build_method
 from .data import load_vae
-from .modeling import DTYPES, TextEmbeddingCache, free, load_scheduler, load_transformer
+from .modeling import DTYPES, TextEmbeddingCache, cpu_threads, free, load_scheduler, load_transformer
 from .monitor import RewardHackingMonitor, ValidationReport
 from .rollouts import RolloutRandom, TransformerDenoiser, build_rollout, latent_shape
 
@@ -121,20 +121,6 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    """torch's CPU thread count for the duration of a run (restored afterwards)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -807,7 +793,7 @@ class Trainer:
     # ================================================================================= the run
     def train(self) -> TrainResult:
         """Run until ``max_steps``, an early stop, or Ctrl-C; returns what was produced."""
-        with _cpu_threads(self.config.cpu_threads):
+        with cpu_threads(self.config.cpu_threads):
             return self._train()
 
     def _train(self) -> TrainResult:

@@ -14,10 +14,11 @@ exactly as ``WanPipeline.encode_prompt`` pads them.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "load_scheduler",
     "load_text_encoder",
     "free",
+    "cpu_threads",
     "TextEmbeddingCache",
     "default_text_cache_dir",
 ]
@@ -91,6 +93,21 @@ def load_text_encoder(model: str, revision: str | None = None, dtype: torch.dtyp
     tokenizer = _from_pretrained(AutoTokenizer, model, "tokenizer", revision)
     encoder = _from_pretrained(UMT5EncoderModel, model, "text_encoder", revision, torch_dtype=dtype)
     return tokenizer, encoder.eval()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` for the duration of the block (restored afterwards); None: unchanged.
+    Tiny models run fastest on one thread, and lose a lot with more on a busy machine."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free(*modules: Any) -> None:

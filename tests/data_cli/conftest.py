@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 
 def write_video(path: Path, *, frames: int = 20, fps: int = 12, width: int = 80, height: int = 48,
@@ -113,11 +112,8 @@ TINY_FIT = dict(anchors=24, hidden=32, lcc_steps=300, shell_steps=200, batch_vox
 def tiny_fit(tmp_path_factory, shell_data):
     """A small Shell-LCC fitted on ``shell_data/train`` (single-threaded: tiny models run fastest that way)."""
     from latent_rewards.trainer.fit_manifold import FitConfig, fit_manifold
+    from latent_rewards.trainer.modeling import cpu_threads
 
     out = tmp_path_factory.mktemp("tiny_fit") / "reward"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures run before the per-test one-thread fixture
-    try:
+    with cpu_threads(1):  # session fixtures run before the per-test one-thread fixture
         return fit_manifold(shell_data / "train", out, FitConfig(**TINY_FIT), progress=False)
-    finally:
-        torch.set_num_threads(before)
