@@ -501,14 +501,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -605,9 +604,8 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     method_name, method_settings = _registry_section(
         data.pop("method", None), "method", "name", {k: v.settings_class for k, v in METHODS.items()}, "shell_lcc"
     )
-    rollout_raw = data.pop("rollout", None)
     rollout_name, rollout_settings = _registry_section(
-        rollout_raw, "rollout", "kind", {k: v.settings_class for k, v in ROLLOUTS.items()},
+        data.pop("rollout", None), "rollout", "kind", {k: v.settings_class for k, v in ROLLOUTS.items()},
         METHODS[method_name].default_rollout,
     )
     cfg = parse_section(TrainConfig, data, "")
