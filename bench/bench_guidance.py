@@ -53,7 +53,9 @@ from typing import Any
 
 import torch
 from latent_rewards.pipelines.guidance_mixin import _CallRecorder, _exact_denoiser, _replay_mode
+from latent_rewards.pipelines.tiny import tiny_wan_transformer
 from latent_rewards.rewards import ShellLCC
+from latent_rewards.rewards.devices import resolve_device
 from latent_rewards.rewards.guidance import GuidanceConfig, evaluate_reward, guide_x0, x0_from_velocity
 
 DIM, HEADS, HEAD_DIM, FFN, TEXT_DIM, TEXT_TOKENS, LAYERS_FULL = 1536, 12, 128, 8960, 4096, 512, 30
@@ -80,13 +82,9 @@ def reward_flops(voxels: int, m: int = 4096, h: int = 512, d: int = 16) -> float
 
 
 def make_transformer(layers: int, device: torch.device, dtype: torch.dtype):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=FFN, num_layers=layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    # The tiny model's Wan2.1 layout at the 1.3B model's width (random weights, seed 0).
+    model = tiny_wan_transformer(
+        0, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, text_dim=TEXT_DIM, ffn_dim=FFN, num_layers=layers
     )
     model = model.to(device)
     if dtype != torch.float32:
@@ -203,7 +201,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reps = args.reps or (1 if args.quick else 3)
     if args.full and device.type != "cuda":

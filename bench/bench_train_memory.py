@@ -42,14 +42,12 @@ import torch
 
 
 def _build(args: argparse.Namespace, device: torch.device):
-    from diffusers import WanTransformer3DModel
+    from latent_rewards.pipelines.tiny import tiny_wan_transformer
     from peft import LoraConfig
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=args.layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    # The tiny model's Wan2.1 layout at the 1.3B model's width (random weights, seed 0).
+    transformer = tiny_wan_transformer(
+        0, num_attention_heads=12, attention_head_dim=128, text_dim=4096, ffn_dim=8960, num_layers=args.layers
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer.to(device=device, dtype=dtype).requires_grad_(False)
