@@ -39,12 +39,22 @@ def pack(comfy_env):
     return pack_nodes
 
 
-@pytest.fixture(scope="module")
-def tiny_model(comfy_env):
+def _load_unet(comfy_env, name: str):
     import comfy.sd
 
     with torch.inference_mode():
-        return comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / TINY_WAN21))
+        return comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / name))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(comfy_env):
+    return _load_unet(comfy_env, TINY_WAN21)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan22(comfy_env):
+    """The 48-channel twin that ComfyUI detects as Wan2.2 (another latent space)."""
+    return _load_unet(comfy_env, TINY_WAN22)
 
 
 @pytest.fixture(scope="module")
@@ -319,25 +329,18 @@ def test_guider_matches_the_model_patch_with_sampler_custom_advanced_parts(tiny_
     assert len(guider.guidance.trace.sigmas) == 4
 
 
-def test_guidance_rejects_a_model_of_another_latent_space(comfy_env, reward):
-    import comfy.sd
+def test_guidance_rejects_a_model_of_another_latent_space(tiny_wan22, reward):
     from latent_rewards.rewards import LatentSpaceMismatchError
 
-    with torch.inference_mode():
-        wan22 = comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / TINY_WAN22))
     with pytest.raises(LatentSpaceMismatchError, match=r"reads wan2.1 latents \(16 channels\).*Wan22 latents \(48"):
-        _guide(wan22, reward)
+        _guide(tiny_wan22, reward)
 
 
-def test_comfyui_detects_the_tiny_checkpoints_as_wan_models(tiny_model, comfy_env):
-    import comfy.sd
-
+def test_comfyui_detects_the_tiny_checkpoints_as_wan_models(tiny_model, tiny_wan22):
     assert type(tiny_model.model.model_config).__name__ == "WAN21_T2V"
     assert type(tiny_model.model).__name__ == "WAN21"
     assert type(tiny_model.get_model_object("latent_format")).__name__ == "Wan21"
-    with torch.inference_mode():
-        wan22 = comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / TINY_WAN22))
-    assert type(wan22.model.model_config).__name__ == "WAN22_T2V"
+    assert type(tiny_wan22.model.model_config).__name__ == "WAN22_T2V"
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -368,8 +371,7 @@ def test_score_node_scores_curves_and_heatmaps(tiny_model, reward):
     assert ui["latent_rewards"][0]["scores"] == scores
 
 
-def test_score_node_rejects_wrong_latents(comfy_env, tiny_model, reward):
-    import comfy.sd
+def test_score_node_rejects_wrong_latents(tiny_wan22, reward):
     from latent_rewards.nodes.score import LatentRewardsScore
     from latent_rewards.rewards import LatentShapeError, LatentSpaceMismatchError
 
@@ -378,10 +380,9 @@ def test_score_node_rejects_wrong_latents(comfy_env, tiny_model, reward):
             LatentRewardsScore.execute(latent={"samples": torch.zeros(1, 4, 8, 8)}, reward=reward, latent_format="wan2.1")
         with pytest.raises(LatentShapeError, match="16 channels"):
             LatentRewardsScore.execute(latent={"samples": torch.zeros(1, 12, 3, 8, 8)}, reward=reward, latent_format="wan2.1")
-        wan22 = comfy.sd.load_diffusion_model(str(comfy_env.base / "models" / "diffusion_models" / TINY_WAN22))
         with pytest.raises(LatentSpaceMismatchError, match="Wan22"):
             LatentRewardsScore.execute(
-                latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, reward=reward, latent_format="wan2.1", model=wan22
+                latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, reward=reward, latent_format="wan2.1", model=tiny_wan22
             )
 
 

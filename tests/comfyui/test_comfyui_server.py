@@ -131,9 +131,8 @@ def _with_unguided_twin(prompt: dict, sampler_id: str = "8") -> dict:
     """Add a copy of the sampler branch that uses the plain model (node 1), scored and saved the same way."""
     p = copy.deepcopy(prompt)
     twin = copy.deepcopy(p[sampler_id])
-    for key in ("model",):
-        if key in twin["inputs"]:
-            twin["inputs"][key] = ["1", 0]
+    if "model" in twin["inputs"]:
+        twin["inputs"]["model"] = ["1", 0]
     p["108"] = twin
     p["109"] = {"class_type": "LatentRewardsScore", "inputs": {**p["9"]["inputs"], "latent": ["108", 0]}}
     p["110"] = {"class_type": "SaveLatent", "inputs": {"samples": ["108", 0], "filename_prefix": "latent_rewards/unguided"}}
@@ -187,7 +186,7 @@ def test_guidance_changes_the_sample_and_lowers_r_dist_with_stock_samplers(comfy
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-def _lora_branches() -> dict:
+def _lora_branches() -> tuple[dict, list[str]]:
     p = load_workflow("wan21_t2v_reward_lora.json")
     del p["9"], p["6"]
     branches = {
