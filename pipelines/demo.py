@@ -8,7 +8,6 @@ noise-like latents far from the fitted manifold, and guidance should pull each s
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +50,7 @@ def guided_vs_unguided(
     source = reward if reward is not None else getattr(ctx, "reward_path", None)
     if source is None:
         raise ConfigError("the guidance demo needs a fitted reward: run it after the 'manifold' section")
-    reward = load_reward(source if not isinstance(source, Path) else str(source))
+    reward = load_reward(source)
     start = DEFAULT_GUIDANCE_START if start is None else start
     end = DEFAULT_GUIDANCE_END if end is None else end
     log = getattr(ctx, "log", print)
