@@ -1,8 +1,8 @@
 """Numbers and figures for reports: summary statistics, pairwise distinguishability, histograms, curves, bars.
 
 Plotting uses matplotlib's object-oriented API on the Agg canvas (no pyplot, no global backend switch, no
-display needed). Every ``plot_*`` function draws on an ``Axes`` so callers can compose panels; ``save_*``
-functions make a one-panel figure and write it atomically.
+display needed). Every ``plot_*`` function draws on an ``Axes`` so callers can compose panels;
+:func:`save_panels` lays them out on one figure and writes it atomically.
 """
 
 from __future__ import annotations
@@ -17,18 +17,13 @@ import numpy as np
 __all__ = [
     "summary_stats",
     "distinguishability",
-    "format_mean_std",
     "new_figure",
     "save_figure",
     "plot_histograms",
     "plot_curves",
     "plot_bars",
-    "save_histograms",
-    "save_curves",
     "save_panels",
 ]
-
-Values = Sequence[float] | np.ndarray
 
 
 def _array(values: Any) -> np.ndarray:
@@ -50,11 +45,6 @@ def summary_stats(values: Any) -> dict[str, float]:
         "min": float(a.min()),
         "max": float(a.max()),
     }
-
-
-def format_mean_std(values: Any, digits: int = 3) -> str:
-    s = summary_stats(values)
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def distinguishability(real: Any, generated: Any, *, lower_is_real: bool = True) -> float:
@@ -188,13 +178,3 @@ def save_panels(path: str | Path, panels: Sequence[Callable[[Any], None]], *, co
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
-
-
-def save_histograms(path: str | Path, sets: Mapping[str, Any], **kwargs: Any) -> Path:
-    """One-panel :func:`plot_histograms` saved as PNG."""
-    return save_panels(path, [lambda ax: plot_histograms(ax, sets, **kwargs)], cols=1)
-
-
-def save_curves(path: str | Path, curves: Mapping[str, Any], **kwargs: Any) -> Path:
-    """One-panel :func:`plot_curves` saved as PNG."""
-    return save_panels(path, [lambda ax: plot_curves(ax, curves, **kwargs)], cols=1)
