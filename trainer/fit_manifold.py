@@ -327,8 +327,8 @@ def fit_manifold(
     acc.wait_for_everyone()
     if error is not None:
         raise error
-    ckpt_path = out / CHECKPOINT_DIR / STATE_FILE
-    ckpt_path = ckpt_path if (resume and ckpt_path.is_file()) else None
+    state_path = out / CHECKPOINT_DIR / STATE_FILE
+    ckpt_path = state_path if (resume and state_path.is_file()) else None
 
     torch.manual_seed(cfg.seed)
     reward = ShellLCC(num_bases=cfg.anchors, hidden_dim=cfg.hidden, latent_space=cfg.latent_space)
@@ -369,10 +369,9 @@ def fit_manifold(
                 "data_fingerprint": sampler.fingerprint(),
                 "world_size": acc.num_processes,
             }
-            atomic_write_file(ckpt_path_w, lambda tmp: torch.save(state, tmp))
+            atomic_write_file(state_path, lambda tmp: torch.save(state, tmp))
         acc.wait_for_everyone()
 
-    ckpt_path_w = out / CHECKPOINT_DIR / STATE_FILE
     bar = tqdm(total=total, initial=step, desc="fit-manifold", unit="step",
                disable=not (progress and acc.is_main_process), dynamic_ncols=True)
     t_start = time.time()
