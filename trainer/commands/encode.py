@@ -48,14 +48,13 @@ def resolve_device_dtype(device: str | None, dtype: str):
     Raises:
         ConfigError: a malformed or unavailable device (see :func:`..devices.resolve_device`).
     """
-    import torch
-
     from ...rewards.devices import resolve_device
+    from ..modeling import DTYPES
 
     dev = resolve_device(device)
     if dtype == "auto":
-        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        return dev, DTYPES["bf16" if dev.type == "cuda" else "fp32"]
+    return dev, DTYPES[dtype]
 
 
 def launcher_shard() -> tuple[tuple[int, int] | None, int]:
@@ -103,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(f"encoded {len(result.written)}, skipped {len(result.skipped)} already encoded, "
           f"failed {len(result.failed)}{where} -> {args.out}")
-    for path, err in result.failed:
+    for _, err in result.failed:
         print(f"  failed: {err}")
     return 1 if result.failed else 0
