@@ -58,7 +58,7 @@ def resolve_hub_repo(repo_id: str, *, allow_patterns: list[str] | None = None, f
     (``form`` describes what the node's input accepts, for that message)."""
     if not looks_like_repo_id(repo_id):
         raise CheckpointError(f"repo_id {repo_id!r} is not a Hugging Face repo id of the form {form}")
-    return resolve_pretrained(repo_id, cache_dir=hub_cache_dir(), allow_patterns=allow_patterns)
+    return resolve_pretrained(repo_id, cache_dir=hub_cache_dir(), allow_patterns=allow_patterns, hub_only=True)
 
 
 def list_reward_folders() -> list[str]:

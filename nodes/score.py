@@ -89,7 +89,6 @@ def score_latent_batch(
     reward_on(reward, comfy.model_management.get_torch_device())
     b = z.shape[0]
     text = _text_from_conditioning(positive, b) if reward.needs_text else None
-    with_map = maps and callable(getattr(reward, "distance_map", None))
     scores: list[float] = []
     metrics: dict[str, list[float]] = {}
     map_parts: list[torch.Tensor] = []
@@ -97,14 +96,15 @@ def score_latent_batch(
     for i in range(b):
         zi = z[i : i + 1]
         ti = text[i : i + 1] if text is not None else None
-        m = evaluate_reward(reward, zi, x_t=None, text_embeds=ti, metrics=True)
+        # One pass gives the scores and, for rewards that have one (Shell-LCC), the per-voxel distance map.
+        m = evaluate_reward(reward, zi, x_t=None, text_embeds=ti, metrics=True, maps=maps)
+        voxel_map = m.pop("distance_map", None)
         scores.append(float(m["reward"][0]))
         for k, v in m.items():
             if k != "reward":
                 metrics.setdefault(k, []).append(float(v[0]))
-        if with_map:
-            with torch.inference_mode(False), torch.no_grad():
-                map_parts.append(reward.distance_map(zi.to(reward.device).clone()).float().cpu())
+        if voxel_map is not None:
+            map_parts.append(voxel_map.cpu())
         pbar.update(1)
     return BatchScores(
         kind=reward.kind, scores=scores, metrics=metrics, maps=torch.cat(map_parts) if map_parts else None

@@ -162,8 +162,11 @@ class LatentReward(nn.Module):
         """One reward per sample, ``[B]``, higher is better, differentiable w.r.t. the latent inputs."""
         raise NotImplementedError
 
-    def metrics(self, x0: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
-        """Named per-sample metrics (always including ``reward``) for reports and tables. No gradient."""
+    def metrics(self, x0: torch.Tensor | None = None, *, maps: bool = False, **inputs: Any) -> dict[str, torch.Tensor]:
+        """Named per-sample metrics (always including ``reward``) for reports and tables. No gradient.
+
+        With ``maps=True`` a reward that has per-voxel maps adds them from the same pass (Shell-LCC:
+        ``distance_map`` ``[B, T, H, W]``); other rewards ignore it."""
         with torch.no_grad():
             return {"reward": self.reward(x0, **inputs)}
 

@@ -311,12 +311,14 @@ def evaluate_reward(
     x_t: torch.Tensor | None = None,
     text_embeds: torch.Tensor | None = None,
     metrics: bool = False,
+    maps: bool = False,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The reward per sample of a (predicted) clean latent, without gradient, in fp32.
 
     Safe inside ``torch.inference_mode()``. For rewards that read the noisy latent, ``x_t`` defaults to ``x0`` at
     ``sigma = 0`` (a finished sample). With ``metrics=True`` returns :meth:`LatentReward.metrics` (always with a
-    ``reward`` entry; Shell-LCC adds ``r_dist`` and ``lcc_distance``).
+    ``reward`` entry; Shell-LCC adds ``r_dist`` and ``lcc_distance``), and with ``maps=True`` also the reward's
+    per-voxel maps from the same pass (Shell-LCC: ``distance_map``).
     """
     b = x0.shape[0]
     with torch.inference_mode(False), torch.no_grad():
@@ -334,7 +336,7 @@ def evaluate_reward(
         inputs = _reward_inputs(reward, x0f, xtf, sig, te)
         if metrics:
             x0_in = inputs.pop("x0")
-            return {k: v.detach().float() for k, v in reward.metrics(x0_in, **inputs).items()}
+            return {k: v.detach().float() for k, v in reward.metrics(x0_in, maps=maps, **inputs).items()}
         return reward.reward(**inputs).detach().float()
 
 

@@ -116,10 +116,14 @@ def resolve_pretrained(
     local_files_only: bool = False,
     token: str | bool | None = None,
     allow_patterns: list[str] | None = None,
+    hub_only: bool = False,
 ) -> Path:
-    """A local folder as is, or a Hub repository downloaded (or found) in the huggingface_hub cache."""
+    """A local folder as is, or a Hub repository downloaded (or found) in the huggingface_hub cache.
+
+    ``hub_only=True`` never looks for a local folder of that name (for inputs that only take repo ids, so a folder
+    that happens to sit at ``user/name`` relative to the working directory cannot shadow the repository)."""
     p = Path(str(path_or_repo_id)).expanduser()
-    if p.exists():
+    if not hub_only and p.exists():
         if not p.is_dir():
             raise CheckpointError(
                 f"{p} is a file; expected a folder with config.json and model.safetensors "

@@ -386,18 +386,22 @@ class ShellLCC(LatentReward):
             r = r.to(z_hat)
         return z_hat + r * (z.to(z_hat) - z_hat)
 
-    def metrics(self, x0: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
-        """``r_dist``, ``lcc_distance`` and ``reward`` per sample in one chunked pass (no gradient)."""
+    def metrics(self, x0: torch.Tensor | None = None, *, maps: bool = False, **inputs: Any) -> dict[str, torch.Tensor]:
+        """``r_dist``, ``lcc_distance`` and ``reward`` per sample in one chunked pass (no gradient); with
+        ``maps=True`` also ``distance_map`` (the per-voxel ``r``, as :meth:`distance_map`) from the same pass."""
         self.check_inputs(x0, **inputs)
         with self._matmul_precision():
             r, lcc, _ = self._fused_scalar(self._flatten(x0), "shell", need_grad=False)
         b = x0.shape[0]
         r_dist = r.view(b, -1).mean(1)
-        return {
+        out = {
             "r_dist": r_dist,
             "lcc_distance": lcc.view(b, -1).mean(1),
             "reward": self.reward_from_distance(r_dist),
         }
+        if maps:
+            out["distance_map"] = self._unflatten_map(r, x0)
+        return out
 
     # ------------------------------------------------------------------ fitting (used by trainer/fit_manifold)
     @torch.no_grad()

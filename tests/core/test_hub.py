@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -200,3 +201,14 @@ def test_atomic_writes_give_ordinary_permissions(tmp_path, small_shell_lcc):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert stat.S_IMODE((folder / "config.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "note.txt").stat().st_mode) == 0o644
+
+
+def test_hub_only_resolution_ignores_a_local_folder_of_that_name(tmp_path, small_shell_lcc, monkeypatch):
+    m = small_shell_lcc(seed=12)
+    cache = tmp_path / "cache"
+    _fill_hub_cache(cache, "someone/manifold", m.save_pretrained(tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone" / "manifold").mkdir(parents=True)  # a folder that would shadow the repo id
+    assert hub.resolve_pretrained("someone/manifold", cache_dir=cache, local_files_only=True) == Path("someone/manifold")
+    folder = hub.resolve_pretrained("someone/manifold", cache_dir=cache, local_files_only=True, hub_only=True)
+    assert torch.equal(load_reward(folder).basis, m.basis)

@@ -246,3 +246,11 @@ def test_select_inputs_keeps_only_what_the_reward_reads(small_shell_lcc):
     picked = m.select_inputs(x0=z, x_t=z + 1, timestep=0.5, text_embeds=torch.zeros(2, 3, 8))
     assert set(picked) == {"x0"} and picked["x0"] is z
     assert m.select_inputs(x_t=z) == {"x0": None}  # the reward then says clearly that x0 is missing
+
+
+def test_metrics_with_maps_gives_the_distance_map_from_the_same_pass(small_shell_lcc):
+    m = small_shell_lcc()
+    z = _z()
+    met = m.metrics(z, maps=True)
+    assert torch.allclose(met["distance_map"], m.distance_map(z))
+    assert "distance_map" not in m.metrics(z)
