@@ -215,3 +215,14 @@ def test_cli_print_config(capsys, reward_dir):
     assert main(["train", "tiny-cpu", f"reward.path={reward_dir}", "lora.rank=4", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "rank: 4" in out and "kind: one_step" in out
+
+
+def test_cli_options_after_overrides_keep_their_values(capsys, reward_dir, tmp_path):
+    from latent_rewards.trainer.cli import main
+
+    missing = tmp_path / "no-such-checkpoint"
+    rc = main(["train", "tiny-cpu", f"reward.path={reward_dir}", f"output_dir={tmp_path / 'run'}",
+               "--resume-from", str(missing), "lora.rank=4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"resume: {missing} is not a resumable checkpoint folder" in err

@@ -44,18 +44,19 @@ def run(args: argparse.Namespace) -> int:
     """Validate the config (before any model is loaded), then train; returns 130 when interrupted."""
     from ..config import dump_config, load_config
 
-    flags = [a for a in args.overrides if a.startswith("-")]
-    overrides = [a for a in args.overrides if not a.startswith("-")]
-    if flags:
-        late = argparse.ArgumentParser(
-            prog="latent-rewards train CONFIG [key=value ...]",
-            description="Options after the overrides (see `latent-rewards train --help` for everything).",
-        )
-        _add_flags(late)
-        extra = late.parse_args(flags)
-        for key, value in vars(extra).items():
-            if value not in (None, False):
-                setattr(args, key, value)
+    late = argparse.ArgumentParser(
+        prog="latent-rewards train CONFIG [key=value ...]",
+        description="Options after the overrides (see `latent-rewards train --help` for everything).",
+    )
+    _add_flags(late)
+    # Options take their values with them (`--resume-from CKPT`); what is left are the overrides.
+    extra, overrides = late.parse_known_args(args.overrides)
+    unknown = [a for a in overrides if a.startswith("-")]
+    if unknown:
+        late.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for key, value in vars(extra).items():
+        if value not in (None, False):
+            setattr(args, key, value)
     cfg = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
