@@ -51,7 +51,7 @@ from ..rewards.guidance import (
     x0_from_velocity,
 )
 from ..rewards.hub import load_reward
-from ..rewards.latent_space import LatentSpace, available_latent_spaces, get_latent_space
+from ..rewards.latent_space import LatentSpace, available_latent_spaces, latent_space_for_constants
 
 __all__ = [
     "RewardGuidanceMixin",
@@ -156,12 +156,9 @@ def pipeline_latent_space(pipe: Any) -> LatentSpace | None:
     mean, std = config.get("latents_mean"), config.get("latents_std")
     if mean is None or std is None:
         return None
-    for name in available_latent_spaces():
-        space = get_latent_space(name)
-        if space.channels == len(mean) == len(std) and all(
-            math.isclose(a, b, abs_tol=1e-3) for a, b in zip((*space.mean, *space.std), (*mean, *std))
-        ):
-            return space
+    space = latent_space_for_constants(mean, std)
+    if space is not None:
+        return space
     raise LatentSpaceMismatchError(
         f"the pipeline's VAE ({type(vae).__name__}, {len(mean)} channels) normalises into a latent space "
         f"latent-rewards does not know (known: {available_latent_spaces()}); rewards cannot read these latents"

@@ -9,12 +9,20 @@ tensors inside sampler hooks). Raw VAE latents (a VAE encode, a ComfyUI ``LATENT
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .errors import LatentShapeError, LatentSpaceMismatchError, NonFiniteError
 
-__all__ = ["LatentSpace", "WAN21", "get_latent_space", "register_latent_space", "available_latent_spaces"]
+__all__ = [
+    "LatentSpace",
+    "WAN21",
+    "get_latent_space",
+    "register_latent_space",
+    "available_latent_spaces",
+    "latent_space_for_constants",
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,13 @@ class LatentSpace:
         if check_finite and not bool(torch.isfinite(z).all()):
             raise NonFiniteError(f"{name}: contains NaN or Inf values; expected finite {self.name} latents")
 
+    def matches_constants(self, mean: Any, std: Any, *, atol: float = 1e-3) -> bool:
+        """Whether a VAE's normalisation constants (e.g. diffusers' ``latents_mean``/``latents_std``) are this
+        space's, i.e. its normalised latents are what a reward of this space reads."""
+        if mean is None or std is None or len(mean) != self.channels or len(std) != self.channels:
+            return False
+        return all(abs(float(a) - b) <= atol for a, b in zip((*mean, *std), (*self.mean, *self.std)))
+
     def expect(self, other: "LatentSpace | str", *, what: str = "reward") -> None:
         """Raise :class:`LatentSpaceMismatchError` unless ``other`` names this same space."""
         other_space = get_latent_space(other) if isinstance(other, str) else other
@@ -147,6 +162,14 @@ def get_latent_space(name: str | LatentSpace) -> LatentSpace:
         raise LatentSpaceMismatchError(
             f"unknown latent space {name!r}; expected one of {available_latent_spaces()}"
         ) from None
+
+
+def latent_space_for_constants(mean: Any, std: Any, *, atol: float = 1e-3) -> LatentSpace | None:
+    """The registered space whose normalisation constants these are (a VAE config's ``latents_mean/std``)."""
+    for space in {id(s): s for s in _REGISTRY.values()}.values():
+        if space.matches_constants(mean, std, atol=atol):
+            return space
+    return None
 
 
 def available_latent_spaces() -> list[str]:

@@ -74,3 +74,17 @@ def test_expect_mismatch_message():
     with pytest.raises(LatentSpaceMismatchError, match="reads wan2.1 latents but was given test-48ch"):
         WAN21.expect(other)
     WAN21.expect("wan21")
+
+
+def test_recognise_a_vae_by_its_normalisation_constants():
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    from latent_rewards.rewards.latent_space import latent_space_for_constants
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    mean, std = params["latents_mean"].default, params["latents_std"].default
+    assert latent_space_for_constants(mean, std) is WAN21 and WAN21.matches_constants(mean, std)
+    assert latent_space_for_constants([0.0] * 16, std) is None
+    assert not WAN21.matches_constants(mean[:8], std[:8])
