@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -73,12 +74,10 @@ def score_files(
     dev, dtype = resolve_device_dtype(device, "auto")
     reward = reward.to(dev)
     space = reward.latent_space
-    cache: dict[str, VideoEncoder] = {}
 
-    def encoder() -> VideoEncoder:
-        if "enc" not in cache:
-            cache["enc"] = VideoEncoder.from_pretrained(vae, latent_space=space, device=dev, dtype=dtype)
-        return cache["enc"]
+    @functools.cache
+    def encoder() -> VideoEncoder:  # loaded on the first video only
+        return VideoEncoder.from_pretrained(vae, latent_space=space, device=dev, dtype=dtype)
 
     rows = []
     paths = expand_inputs(inputs)
