@@ -56,15 +56,17 @@ def evaluate_sets(real_rows: list[dict[str, Any]], gen_rows: list[dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     from ...rewards.hub import atomic_write_text, load_reward
     from ...rewards.devices import resolve_device
+    from ..data import expand_inputs
     from ..report import plot_histograms, save_panels
     from .score import format_rows, score_files
 
     device = resolve_device(args.device)  # a bad --device fails before anything is loaded
     reward = load_reward(args.reward)
-    opts = {"vae": args.vae, "fps": args.fps, "frames": args.frames, "size": args.size,
-            "layout": None if args.layout == "auto" else args.layout, "device": device}
-    real = score_files(reward, args.real, **opts)
-    generated = score_files(reward, args.generated, **opts)
+    # One pass over both sets, so videos in both are encoded with one VAE load.
+    n_real = len(expand_inputs(args.real))
+    rows = score_files(reward, [*args.real, *args.generated], vae=args.vae, fps=args.fps, frames=args.frames,
+                       size=args.size, layout=None if args.layout == "auto" else args.layout, device=device)
+    real, generated = rows[:n_real], rows[n_real:]
     result = evaluate_sets(real, generated)
     result.update({"reward": str(args.reward), "real": [str(p) for p in args.real],
                    "generated": [str(p) for p in args.generated]})
