@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from latent_rewards.trainer.config import ACCELERATE_FSDP_CONFIG
+from trainer_test_helpers import metrics_records
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +65,6 @@ def _launch(config_file: Path, overrides: list[str]) -> subprocess.CompletedProc
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return proc
-
-
-def _records(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +112,8 @@ def _unsharded_validation_reward(run: Path, reward_dir: Path, text_cache: Path, 
 def test_sharded_run_validates_and_exports_what_the_unsharded_model_computes(fsdp_runs, reward_dir, text_cache, run):
     out, log = fsdp_runs[run]
     assert f"distributed: {run[:5].upper()}, 2 process(es)" in log
-    assert [r["step"] for r in _records(out, "train")] == [1, 2]
-    validation = {r["step"]: r["reward"] for r in _records(out, "validation")}
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2]
+    validation = {r["step"]: r["reward"] for r in metrics_records(out, "validation")}
     assert sorted(validation) == [0, 1, 2]
     # Step 0: the base model's validation, sampled through the sharded model, is the unsharded model's.
     assert validation[0] == pytest.approx(_unsharded_validation_reward(out, reward_dir, text_cache), rel=1e-5)
@@ -125,7 +122,7 @@ def test_sharded_run_validates_and_exports_what_the_unsharded_model_computes(fsd
     if run.endswith("full"):  # diffusers' class name, not FSDP2's generated subclass
         assert json.loads((ckpt / "transformer" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
     else:
-        assert all(r["kl"] > 0 for r in _records(out, "train")[1:])  # the LoRA-disabled reference, sharded
+        assert all(r["kl"] > 0 for r in metrics_records(out, "train")[1:])  # the LoRA-disabled reference, sharded
     assert validation[2] == pytest.approx(_unsharded_validation_reward(out, reward_dir, text_cache, ckpt), rel=1e-5)
     assert validation[2] != pytest.approx(validation[0], rel=1e-5)
     state = ckpt / "training_state"
@@ -141,7 +138,7 @@ def test_fsdp1_resumed_equals_fsdp2_uninterrupted(fsdp_runs):
 
     (a, _), (b, _) = fsdp_runs["fsdp1"], fsdp_runs["fsdp2"]
     for kind in ("train", "validation"):
-        ra, rb = _records(a, kind), _records(b, kind)
+        ra, rb = metrics_records(a, kind), metrics_records(b, kind)
         assert [r["step"] for r in ra] == [r["step"] for r in rb]
         for x, y in zip(ra, rb):
             for key in ("loss", "reward", "grad_norm", "kl"):

@@ -14,6 +14,7 @@ from latent_rewards.trainer.config import load_config
 from latent_rewards.trainer.loop import Trainer
 from latent_rewards.trainer.methods import ShellLCCRecipe, register_method
 from safetensors.torch import load_file
+from trainer_test_helpers import metrics_records
 
 
 @register_method
@@ -38,10 +39,6 @@ class NaNOnSecondStep(ShellLCCRecipe):
         return result
 
 
-def _train_lines(out):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
-
-
 def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, tiny_overrides):
     out = tmp_path / "nan"
     cfg = load_config("tiny-cpu", tiny_overrides(
@@ -51,7 +48,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_alone(tmp_path, tin
     ))
     result = Trainer(cfg, progress=False).train()
     assert result.step == 3
-    lines = _train_lines(out)
+    lines = metrics_records(out, "train")
     assert [r["skipped"] for r in lines] == [0.0, 1.0, 0.0]
     assert lines[1]["loss"] is None and lines[0]["loss"] is not None  # strict JSON: NaN written as null
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # step 1: LoRA B = 0, the model is its reference
@@ -74,7 +71,7 @@ def test_full_finetune_exports_a_transformer_and_resumes_exactly(tmp_path, tiny_
     split = tmp_path / "split"
     Trainer(load_config("tiny-cpu", tiny_overrides(split, *common, "max_steps=1")), progress=False).train()
     Trainer(load_config("tiny-cpu", tiny_overrides(split, *common, "max_steps=2")), progress=False).train()
-    assert [r["loss"] for r in _train_lines(split)] == [r["loss"] for r in _train_lines(full)]
+    assert [r["loss"] for r in metrics_records(split, "train")] == [r["loss"] for r in metrics_records(full, "train")]
     ck = full / "checkpoint-2"
     assert not (ck / "pytorch_lora_weights.safetensors").exists()
     tuned = WanTransformer3DModel.from_pretrained(str(ck / "transformer")).state_dict()
@@ -104,4 +101,4 @@ def test_ddp_two_processes_train_resume_and_write_one_state_per_rank(tmp_path, t
     r0, r1 = (torch.load(state / f"random_state_{i}.pt", weights_only=True) for i in (0, 1))
     assert not torch.equal(r0["rollout"]["local"], r1["rollout"]["local"])  # different noise per rank
     assert torch.equal(r0["rollout"]["shared"], r1["rollout"]["shared"])  # same step indices on every rank
-    assert [r["step"] for r in _train_lines(out)] == [1, 2]
+    assert [r["step"] for r in metrics_records(out, "train")] == [1, 2]

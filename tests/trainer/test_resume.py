@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from latent_rewards.rewards.errors import ConfigError
 from latent_rewards.trainer.config import load_config
 from latent_rewards.trainer.loop import Trainer
 from safetensors.torch import load_file
+from trainer_test_helpers import metrics_records
 
 STEPS = 4
 #: Validation every 2 steps too, so resume also restores the monitor and the base videos.
@@ -24,8 +24,7 @@ COMMON = (f"max_steps={STEPS}", "checkpoint_every=1", "keep_last=5", "batch_size
 
 
 def _losses(run_dir: Path) -> list[float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r["type"] == "train"]
+    train = metrics_records(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, len(train) + 1)), "one line per step, in order"
     return [r["loss"] for r in train]
 
@@ -45,8 +44,7 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
     assert _losses(run_dir) == _losses(reference)  # exactly, not approximately
     a, b = _lora(run_dir), _lora(reference)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    val = lambda d: [(r["step"], r["reward"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                     if r["type"] == "validation"]
+    val = lambda d: [(r["step"], r["reward"]) for r in metrics_records(d, "validation")]
     assert val(run_dir) == val(reference)
 
 

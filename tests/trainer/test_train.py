@@ -11,11 +11,7 @@ from latent_rewards.rewards.wan_keys import comfyui_lora_to_peft, diffusers_stat
 from latent_rewards.trainer.export import LOCAL_LOCATION, LORA_WEIGHTS_NAME, comfyui_file_name, lora_state_dict
 from latent_rewards.trainer.rollouts import TransformerDenoiser
 from safetensors.torch import load_file
-
-
-def _records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == kind]
+from trainer_test_helpers import metrics_records
 
 
 def test_run_layout(trained_run):
@@ -37,11 +33,11 @@ def test_run_layout(trained_run):
     best_metrics = json.loads((out / "best" / "metrics.json").read_text())
     assert best_metrics["step"] == result.best_step == trainer.monitor.best_step
     # metrics.jsonl: one line per step, validations at 0 (base), 4, 8; TensorBoard events.
-    train = _records(out, "train")
+    train = metrics_records(out, "train")
     assert [r["step"] for r in train] == list(range(1, 9))
     assert all({"loss", "reward", "r_dist", "grad_norm", "lr", "sigma"} <= set(r) for r in train)
     assert all(0.7 <= r["sigma"] <= 1.0 and r["skipped"] == 0.0 for r in train)
-    assert [r["step"] for r in _records(out, "validation")] == [0, 4, 8]
+    assert [r["step"] for r in metrics_records(out, "validation")] == [0, 4, 8]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "validation" / "base" / "frames.npz").is_file()
 
