@@ -12,48 +12,47 @@ import numpy as np
 import pytest
 
 
-def write_video(path: Path, *, frames: int = 20, fps: int = 12, width: int = 80, height: int = 48,
-                codec: str = "mpeg4", values: list[int] | None = None) -> Path:
-    """A test video whose frame ``i`` is a uniform grey ``values[i]`` (default ``16 + 12 i``), so decoded frames
-    identify which source frame they came from."""
+def _mux(path: Path, images, *, fps: int, width: int, height: int, codec: str = "mpeg4",
+         options: dict[str, str] | None = None) -> Path:
+    """Encode RGB uint8 frames ``[height, width, 3]`` into a video file with PyAV."""
     import av
 
-    values = values or [16 + 12 * i for i in range(frames)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "mpeg4":
-            stream.options = {"qscale": "1"}
-        for v in values[:frames]:
-            img = np.full((height, width, 3), v, dtype=np.uint8)
+        if options:
+            stream.options = options
+        for img in images:
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_video(path: Path, *, frames: int = 20, fps: int = 12, width: int = 80, height: int = 48,
+                codec: str = "mpeg4", values: list[int] | None = None) -> Path:
+    """A test video whose frame ``i`` is a uniform grey ``values[i]`` (default ``16 + 12 i``), so decoded frames
+    identify which source frame they came from."""
+    values = values or [16 + 12 * i for i in range(frames)]
+    images = (np.full((height, width, 3), v, dtype=np.uint8) for v in values[:frames])
+    return _mux(path, images, fps=fps, width=width, height=height, codec=codec,
+                options={"qscale": "1"} if codec == "mpeg4" else None)
 
 
 def write_textured_video(path: Path, *, frames: int = 12, fps: int = 12, width: int = 96, height: int = 64,
                          seed: int = 0) -> Path:
     """A test video with smooth random colour patterns (something a VAE has to work on)."""
-    import av
-
     g = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        phase = g.uniform(0, 6, size=3)
-        for i in range(frames):
-            img = np.stack([np.sin(6 * xx + 4 * yy + phase[c] + 0.3 * i) for c in range(3)], axis=-1)
-            img = ((img * 0.5 + 0.5) * 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    phase = g.uniform(0, 6, size=3)
+
+    def image(i: int) -> np.ndarray:
+        img = np.stack([np.sin(6 * xx + 4 * yy + phase[c] + 0.3 * i) for c in range(3)], axis=-1)
+        return ((img * 0.5 + 0.5) * 255).astype(np.uint8)
+
+    return _mux(path, (image(i) for i in range(frames)), fps=fps, width=width, height=height)
 
 
 @pytest.fixture(scope="session")
