@@ -160,17 +160,8 @@ class Recipe(ABC):
 
     def reward_inputs(self, ctx: RecipeContext, batch: TrainBatch, out: RolloutOutput) -> dict[str, Any]:
         """Keyword arguments for ``reward.reward`` from what the reward declares it reads (fp32)."""
-        needs = ctx.reward.required_inputs
-        kwargs: dict[str, Any] = {}
-        if RewardInput.X0 in needs:
-            kwargs["x0"] = out.x0.float()
-        if RewardInput.NOISY in needs:
-            kwargs["x_t"] = out.x_t.float() if out.x_t is not None else None
-        if RewardInput.TIMESTEP in needs:
-            kwargs["timestep"] = out.sigma_t
-        if RewardInput.TEXT in needs:
-            kwargs["text_embeds"] = batch.text_embeds.float()
-        return kwargs
+        kwargs = ctx.reward.select_inputs(x0=out.x0, x_t=out.x_t, timestep=out.sigma_t, text_embeds=batch.text_embeds)
+        return {k: None if v is None else v.float() for k, v in kwargs.items()}
 
     def compute_reward(self, ctx: RecipeContext, batch: TrainBatch, out: RolloutOutput) -> torch.Tensor:
         """``[B]`` rewards (higher is better), differentiable w.r.t. the generator, never w.r.t. the reward."""
