@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from ..rewards.errors import CheckpointError
+from .config import DEFAULT_MODEL
+from .modeling import is_tiny
 
 __all__ = [
     "LORA_WEIGHTS_NAME",
@@ -156,14 +158,13 @@ def _fmt(v: Any) -> str:
 LOCAL_LOCATION = "path/to/this/folder"
 _USAGE_BEGIN = "<!-- latent-rewards:usage -->"
 _USAGE_END = "<!-- /latent-rewards:usage -->"
-_DEFAULT_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 def _hub_id(ref: str | None) -> str | None:
     """``ref`` if it names a Hub repository (not a local folder, not the tiny test model), else None."""
     from ..rewards.hub import looks_like_repo_id
 
-    if not ref or ref == "tiny" or Path(ref).expanduser().exists():
+    if not ref or is_tiny(ref) or Path(ref).expanduser().exists():
         return None
     return ref if looks_like_repo_id(ref) else None
 
@@ -185,8 +186,8 @@ def usage_section(cfg: dict[str, Any], location: str | None = None) -> str:
     name, model, finetune = cfg["name"], cfg["model"], cfg["finetune"]
     comfy = comfyui_file_name(name)
     where = location or LOCAL_LOCATION
-    base = _hub_id(model) or _DEFAULT_BASE
-    base_note = "" if _hub_id(model) or model == "tiny" else f"  # trained on a local copy: {Path(model).name}"
+    base = _hub_id(model) or DEFAULT_MODEL
+    base_note = "" if _hub_id(model) or is_tiny(model) else f"  # trained on a local copy: {Path(model).name}"
     if finetune == "lora":
         diffusers_use = f"""```python
 import torch
@@ -242,7 +243,7 @@ def model_card(info: dict[str, Any], repo_id: str | None = None) -> str:
     base_id = _hub_id(model)
     base_line = f"base_model: {base_id}\n" if base_id else ""
     model_line = f"`{base_id}`" if base_id else (
-        "`tiny` (the deterministic random test model)" if model == "tiny" else f"`{Path(model).name}` (a local folder)"
+        "`tiny` (the deterministic random test model)" if is_tiny(model) else f"`{Path(model).name}` (a local folder)"
     )
     history = info.get("history") or []
     rows = "\n".join(
