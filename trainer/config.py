@@ -373,17 +373,6 @@ class TrainConfig:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     hub: HubSettings = field(default_factory=HubSettings)
 
-    # The recipe/rollout are resolved through registries; these return their typed settings.
-    @property
-    def method_settings(self) -> Any:
-        """The recipe's typed settings (the dataclass its ``settings_class`` names)."""
-        return self.method.settings
-
-    @property
-    def rollout_settings(self) -> Any:
-        """The rollout strategy's typed settings."""
-        return self.rollout.settings
-
     def validate(self, path: str = "") -> None:
         """Check every field (types were checked while parsing); raise :class:`ConfigError` naming the first bad one."""
         if not self.name.strip() or any(c in self.name for c in "/\\:"):
