@@ -64,11 +64,8 @@ class DemoContext:
 
     out: Path
     seed: int = 0
-    device: str = "cpu"
     reward_path: Path | None = None
-    data_dir: Path | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
     verbose: bool = True
 
     def log(self, message: str) -> None:
@@ -190,7 +187,6 @@ def _manifold_section_body(ctx: DemoContext) -> SectionOutput:
             f"to {data_dir}")
     for i in range(n_train):
         save_latent_file(data_dir / f"clip{i:03d}.safetensors", world.clip(i, split=0), {"source": "demo"})
-    ctx.data_dir = data_dir
 
     cfg = FitConfig(anchors=48, hidden=64, lcc_steps=400, shell_steps=250, batch_voxels=2048, seed=ctx.seed,
                     checkpoint_every=10_000, log_every=25, hist_clips=n_train, max_latent_frames=None)
