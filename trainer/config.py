@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..pipelines import DEFAULT_WAN_MODEL
 from ..rewards.errors import ConfigError
 
 __all__ = [
@@ -56,7 +57,8 @@ __all__ = [
     "read_prompts",
 ]
 
-DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+#: The generator trained by default (the one ``latent-rewards generate`` samples by default).
+DEFAULT_MODEL = DEFAULT_WAN_MODEL
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: The prompt set shipped with the package (``prompts: default``).
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.txt"

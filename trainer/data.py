@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..pipelines import DEFAULT_WAN_MODEL
 from ..rewards.errors import (
     CheckpointError,
     ConfigError,
@@ -88,7 +89,8 @@ logger = logging.getLogger(__name__)
 LATENT_EXTENSIONS = (".safetensors", ".pt", ".pth")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif", ".mpg", ".mpeg", ".ts", ".flv")
 LAYOUTS = ("CTHW", "TCHW")
-DEFAULT_VAE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+#: Whose ``vae/`` encodes videos by default: the default Wan2.1 pipeline.
+DEFAULT_VAE = DEFAULT_WAN_MODEL
 MANIFEST_GLOB = "manifest*.jsonl"
 
 
