@@ -37,9 +37,9 @@ def _read_metrics(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _why_no_best(run: Path, newest: Path | None) -> str:
+def _why_no_best(newest: Path) -> str:
     """Why a run has no ``best/``, from its newest checkpoint's validation history."""
-    metrics = _read_metrics(newest) if newest is not None else {}
+    metrics = _read_metrics(newest)
     validations = [h for h in metrics.get("history") or [] if int(h.get("step", 0)) > 0]
     if validations and all(h.get("flags") for h in validations):
         flagged = "; ".join(f"step {h['step']}: {', '.join(h['flags'])}" for h in validations[-3:])
@@ -71,7 +71,7 @@ def resolve_export(path: str | Path) -> Path:
     if checkpoints:
         newest = checkpoints[-1]
         raise CheckpointError(
-            f"{p} has no best/ export: {_why_no_best(p, newest)}. Nothing was uploaded; to publish a checkpoint "
+            f"{p} has no best/ export: {_why_no_best(newest)}. Nothing was uploaded; to publish a checkpoint "
             f"anyway, pass it explicitly, e.g. {newest} (its README.md lists its validation verdicts)"
         )
     raise CheckpointError(
